@@ -1,0 +1,255 @@
+"""The one typed config: loaded from params.yaml, validated once here, written next to every output.
+
+Every key is declared below with its type and default; an unknown key, a wrong type or a value out of
+range raises ConfigError naming the dotted key and what was expected. Nothing downstream re-validates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from . import diffusion
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "digits"              # digits | cifar10 | folder
+    path: Optional[str] = None          # cifar10: folder holding cifar-10-batches-py; folder: image tree
+    download: bool = False              # cifar10: let torchvision download it where the network allows
+    image_size: int = 8
+    channels: int = 1                   # 1 (grayscale) or 3 (RGB); digits is 1, cifar10 is 3
+    test_fraction: float = 0.25         # digits and folder; cifar10 keeps its official test batch
+    max_images: Optional[int] = None    # cap on the images read (per split for cifar10)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    attention: tuple[bool, ...] = (False, True)     # self-attention in each resolution level
+    norm_num_groups: int = 8
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    source: str = "train"               # train | pretrained
+    uri: Optional[str] = None           # pretrained: local folder, s3://bucket/prefix, or a hub id
+    s3_endpoint_url: Optional[str] = None   # S3-compatible store; else AWS_ENDPOINT_URL from the env
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    lr: float = 1e-3
+    batch_size: int = 128
+    iterations: int = 4000
+    ema_decay: float = 0.999
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    steps: int = 4
+    spacing: Union[str, tuple[int, ...]] = "trailing"   # leading | trailing | explicit teacher steps
+    init: str = "teacher"               # teacher | random
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    loss: str = "l2"                    # l1 | l2: distance of the pointwise output and feature terms
+    pointwise_weight: float = 0.0       # |eps_S(x', i) - eps_T(x', phi_i)|
+    hidden_weight: float = 1.0          # lambda_h: |h_S - h_T|, h = input of conv_out
+    trajectory_weight: float = 1.0      # |eps_S - eps*|^2, eps* from K teacher DDIM sub-steps
+    substeps: int = 8                   # K
+    lr: float = 1e-4
+    batch_size: int = 128
+    iterations: int = 1000
+    ema_decay: float = 0.999
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    num_samples: int = 500
+    batch_size: int = 250
+    seed: int = 1234                    # image k starts from the noise of seed + k
+    consistency_samples: int = 200      # images of the teacher's T-step DDIM for consistency_ratio
+    feature_network: str = "classifier"     # classifier | inception
+    inception_weights: Optional[str] = None  # default: $TORCH_HOME/hub/checkpoints/<file>
+    classifier_iterations: int = 600
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    device: str = "auto"                # auto | cpu | cuda
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    @property
+    def student_timesteps(self):
+        return diffusion.student_timesteps(self.teacher.num_train_timesteps, self.student.steps,
+                                           self.student.spacing)
+
+
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "data.source": ("digits", "cifar10", "folder"),
+    "data.channels": (1, 3),
+    "teacher.source": ("train", "pretrained"),
+    "teacher.beta_schedule": diffusion.BETA_SCHEDULES,
+    "student.init": ("teacher", "random"),
+    "distill.loss": ("l1", "l2"),
+    "evaluate.feature_network": ("classifier", "inception"),
+}
+POSITIVE = {"data.image_size", "data.max_images", "teacher.num_train_timesteps", "teacher.lr",
+            "teacher.batch_size", "teacher.iterations", "teacher.unet.layers_per_block",
+            "teacher.unet.norm_num_groups", "student.steps", "distill.substeps", "distill.lr",
+            "distill.batch_size", "distill.iterations", "evaluate.num_samples", "evaluate.batch_size", "evaluate.consistency_samples",
+            "evaluate.classifier_iterations"}
+NON_NEGATIVE = {"seed", "evaluate.seed", "distill.pointwise_weight", "distill.hidden_weight",
+                "distill.trajectory_weight"}
+UNIT_INTERVAL = {"data.test_fraction", "teacher.ema_decay", "distill.ema_decay"}
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the type hint, converting lists to tuples; raise ConfigError if it does not fit."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arm, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[-1])
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(hint, value, key + ".")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"{key}: expected a non-empty list, got {value!r}")
+        return tuple(_convert(v, args[0], f"{key}[{k}]") for k, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):     # YAML reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for name in values:
+        if name not in fields:
+            near = difflib.get_close_matches(str(name), fields, n=1)
+            hint = f" (did you mean {prefix}{near[0]}?)" if near else ""
+            raise ConfigError(f"{prefix}{name}: unknown key{hint}; expected one of {sorted(fields)}")
+    return cls(**{name: _convert(values[name], hints[name], prefix + name) for name in values})
+
+
+def _walk(obj, prefix=""):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _walk(value, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, value
+
+
+def validate(cfg: Config) -> Config:
+    """Range and cross-field checks; returns cfg unchanged or raises ConfigError."""
+    for key, value in _walk(cfg):
+        if value is None:
+            continue
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(CHOICES[key])}")
+        if key in POSITIVE and not value > 0:
+            raise ConfigError(f"{key}: expected a positive number, got {value!r}")
+        if key in NON_NEGATIVE and value < 0:
+            raise ConfigError(f"{key}: expected a number >= 0, got {value!r}")
+        if key in UNIT_INTERVAL and not 0 <= value < 1:
+            raise ConfigError(f"{key}: expected a number in [0, 1), got {value!r}")
+    if isinstance(cfg.student.spacing, str) and cfg.student.spacing not in diffusion.SPACINGS:
+        raise ConfigError(f"student.spacing: {cfg.student.spacing!r} is not one of "
+                          f"{list(diffusion.SPACINGS)} or a list of teacher timesteps")
+    try:
+        cfg.student_timesteps
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    unet = cfg.teacher.unet
+    if len(unet.attention) != len(unet.block_out_channels):
+        raise ConfigError(f"teacher.unet.attention: expected {len(unet.block_out_channels)} entries, one "
+                          f"per block_out_channels, got {list(unet.attention)}")
+    for ch in unet.block_out_channels:
+        if ch <= 0 or ch % unet.norm_num_groups:
+            raise ConfigError(f"teacher.unet.block_out_channels: {ch} must be a positive multiple of "
+                              f"teacher.unet.norm_num_groups = {unet.norm_num_groups}")
+    factor = 2 ** (len(unet.block_out_channels) - 1)
+    if cfg.data.image_size % factor:
+        raise ConfigError(f"data.image_size: {cfg.data.image_size} cannot pass a UNet with "
+                          f"{len(unet.block_out_channels)} levels; expected a multiple of {factor}")
+    if cfg.data.source == "digits" and cfg.data.channels != 1:
+        raise ConfigError(f"data.channels: digits are grayscale, expected 1, got {cfg.data.channels}")
+    if cfg.data.source == "cifar10" and cfg.data.channels != 3:
+        raise ConfigError(f"data.channels: cifar10 is RGB, expected 3, got {cfg.data.channels}")
+    if cfg.data.source == "folder" and not cfg.data.path:
+        raise ConfigError("data.path: the folder source needs the path of an image folder")
+    if cfg.data.source == "cifar10" and not (cfg.data.path or cfg.data.download):
+        raise ConfigError("data.path: cifar10 needs the folder holding cifar-10-batches-py "
+                          "(or data.download: true where the network allows)")
+    if cfg.evaluate.consistency_samples > cfg.evaluate.num_samples:
+        raise ConfigError(f"evaluate.consistency_samples: {cfg.evaluate.consistency_samples} exceeds "
+                          f"evaluate.num_samples = {cfg.evaluate.num_samples}")
+    if cfg.teacher.source == "pretrained" and not cfg.teacher.uri:
+        raise ConfigError("teacher.uri: teacher.source pretrained needs a local folder, s3:// URI or hub id")
+    return cfg
+
+
+def from_dict(values: dict) -> Config:
+    if not isinstance(values, dict):
+        raise ConfigError(f"params: expected a mapping at the top level, got {type(values).__name__}")
+    return validate(_build(Config, values))
+
+
+def load(path: Union[str, Path] = "params.yaml", overrides: Optional[dict] = None) -> Config:
+    """Read params.yaml (a missing file means all defaults), apply dotted overrides, validate."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) if path.exists() else {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    values = values or {}
+    for dotted, value in (overrides or {}).items():
+        node = values
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return from_dict(values)
+
+
+def to_dict(cfg: Config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def save(cfg: Config, path: Union[str, Path]) -> None:
+    """Write the resolved config as YAML next to an output."""
+    from .io import atomic_write_text
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

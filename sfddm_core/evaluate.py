@@ -1,0 +1,141 @@
+"""Evaluation: FID, speed and semantic consistency of the student against the teacher's two baselines.
+
+All samplers start image k from the noise of seed evaluate.seed + k. The teacher's T-step samples are
+made by `sample_teacher` in a stage of their own (DVC caches them while only the student changes);
+`evaluate` adds the teacher's DDIM on phi and the student, and compares all three on the test split.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.utils import make_grid, save_image
+
+from . import data, diffusion, fid, models, samplers
+from .config import Config
+from .errors import SfddmError
+from .io import atomic_dir, resolve_device, write_json
+
+SAMPLE_FILES = {"teacher_ddpm": "teacher_ddpm.npz", "teacher_ddim_full": "teacher_ddim_full.npz"}
+
+
+def seeds(cfg: Config, count: int) -> np.ndarray:
+    return cfg.evaluate.seed + np.arange(count)
+
+
+def save_samples(path: Path, images: torch.Tensor, seconds: float, nfe: int) -> None:
+    np.savez(path, images=data.to_uint8(images), seconds=seconds, nfe=nfe)
+
+
+def load_samples(path: Path) -> dict:
+    if not path.is_file():
+        raise SfddmError(f"{path}: missing teacher samples; run sfddm sample-teacher first")
+    with np.load(path) as f:
+        return {"images": f["images"], "seconds": float(f["seconds"]), "nfe": int(f["nfe"])}
+
+
+def sample_teacher(cfg: Config, teacher_dir: Path, out_dir: Path) -> Path:
+    """sfddm sample-teacher: the teacher's DDPM over all T steps (the quality ceiling) and its DDIM over
+    all T steps on the first consistency_samples seeds (the reference for semantic consistency)."""
+    device, ec = resolve_device(cfg.device), cfg.evaluate
+    teacher = models.load_model(teacher_dir)
+    T = teacher.num_timesteps
+    with atomic_dir(out_dir) as tmp:
+        images, seconds = samplers.generate(teacher, seeds(cfg, ec.num_samples), "ddpm", batch_size=ec.batch_size,
+                                            device=device, desc=f"teacher DDPM, {T} steps")
+        save_samples(tmp / SAMPLE_FILES["teacher_ddpm"], images, seconds, T)
+        images, seconds = samplers.generate(teacher, seeds(cfg, ec.consistency_samples), "ddim",
+                                            batch_size=ec.batch_size, device=device,
+                                            desc=f"teacher DDIM, {T} steps")
+        save_samples(tmp / SAMPLE_FILES["teacher_ddim_full"], images, seconds, T)
+    return out_dir
+
+
+def consistency_ratio(teacher: np.ndarray, student: np.ndarray) -> float:
+    """Mean distance teacher-vs-student from the same noise over the mean from different noises.
+
+    0: the student draws the teacher's image for every noise; about 1: no more alike than strangers.
+    Different noises pair image k with image k + 1 (a derangement of the same set).
+    """
+    a = data.to_model_range(teacher).flatten(1)
+    b = data.to_model_range(student).flatten(1)
+    same = (a - b).norm(dim=1).mean()
+    different = (a - b.roll(1, dims=0)).norm(dim=1).mean()
+    return float(same / different)
+
+
+def write_reports(report_dir: Path, grids: dict[str, np.ndarray], side_by_side: tuple[np.ndarray, np.ndarray],
+                  interpolation: torch.Tensor) -> None:
+    """PNGs: a sample grid per sampler, teacher-vs-student rows from the same noises, a slerp strip."""
+    def to_float(images):
+        return data.to_model_range(images[:64]) * 0.5 + 0.5
+    with atomic_dir(report_dir) as tmp:
+        for name, images in grids.items():
+            save_image(to_float(images), tmp / f"samples_{name}.png", nrow=8, padding=1)
+        teacher, student = side_by_side
+        rows = torch.cat([to_float(teacher[:8]), to_float(student[:8])])
+        save_image(make_grid(rows, nrow=len(rows) // 2, padding=1), tmp / "teacher_vs_student.png")
+        save_image(interpolation * 0.5 + 0.5, tmp / "interpolation.png", nrow=len(interpolation), padding=1)
+
+
+def interpolate(model: models.DiffusionModel, cfg: Config, device, frames: int = 10) -> torch.Tensor:
+    """The student's images along the spherical path between the noises of the first two seeds."""
+    a, b = samplers.gaussian(samplers.image_generators(seeds(cfg, 2)), model.image_shape, "cpu")
+    noise = torch.stack([diffusion.slerp(a, b, w) for w in np.linspace(0.0, 1.0, frames)])
+    images, _ = samplers.generate(model, list(range(frames)), "ddim", noise=noise, device=device,
+                                  desc="interpolation")
+    return images
+
+
+def sample_to_files(cfg: Config, model_dir: Path, out_dir: Path, num_images: int, steps, sampler: str,
+                    seed: int) -> Path:
+    """sfddm sample: out_dir/grid.png and out_dir/samples.npz (uint8 NCHW), image k from seed + k."""
+    model = models.load_model(model_dir)
+    timesteps = None
+    if steps is not None:
+        if steps > model.num_timesteps:
+            raise SfddmError(f"--steps: {steps} exceeds the model's {model.num_timesteps} timesteps")
+        timesteps = diffusion.student_timesteps(model.num_timesteps, steps, "trailing")
+    images, seconds = samplers.generate(model, seed + np.arange(num_images), sampler, timesteps,
+                                        cfg.evaluate.batch_size, resolve_device(cfg.device), desc=sampler)
+    with atomic_dir(out_dir) as tmp:
+        save_samples(tmp / "samples.npz", images, seconds, len(timesteps if steps else model.alphas_cumprod))
+        save_image(images * 0.5 + 0.5, tmp / "grid.png", nrow=int(np.ceil(np.sqrt(num_images))), padding=1)
+    return out_dir
+
+
+def evaluate(cfg: Config, teacher_dir: Path, student_dir: Path, teacher_samples: Path, data_dir: Path,
+             classifier_path: Path, metrics_path: Path, report_dir: Path) -> dict:
+    """sfddm evaluate: metrics/evaluate.json and the PNGs in reports/."""
+    device, ec = resolve_device(cfg.device), cfg.evaluate
+    teacher, student = models.load_model(teacher_dir), models.load_model(student_dir)
+    phi = np.asarray(models.student_provenance(student_dir)["phi"])
+    stored = {name: load_samples(teacher_samples / file) for name, file in SAMPLE_FILES.items()}
+    if len(stored["teacher_ddpm"]["images"]) != ec.num_samples:
+        raise SfddmError(f"{teacher_samples}: holds {len(stored['teacher_ddpm']['images'])} samples, "
+                         f"evaluate.num_samples is {ec.num_samples}; rerun sfddm sample-teacher")
+    runs = {"teacher_ddpm": (stored["teacher_ddpm"]["images"], stored["teacher_ddpm"]["seconds"],
+                             stored["teacher_ddpm"]["nfe"])}
+    for name, model, timesteps in (("teacher_ddim", teacher, phi), ("student", student, None)):
+        images, seconds = samplers.generate(model, seeds(cfg, ec.num_samples), "ddim", timesteps,
+                                            ec.batch_size, device, desc=name)
+        runs[name] = (data.to_uint8(images), seconds, len(phi))
+    reference, _ = data.load_split(data_dir, "test")
+    network = fid.feature_network(ec, classifier_path)
+    fids = fid.frechet_distances(network, reference, {name: run[0] for name, run in runs.items()},
+                                 batch_size=ec.batch_size, device=device)
+    reference_full = stored["teacher_ddim_full"]["images"]
+    metrics = {
+        "fid": {name: round(value, 4) for name, value in fids.items()},
+        "nfe": {name: run[2] for name, run in runs.items()},
+        "images_per_second": {name: round(len(run[0]) / run[1], 2) for name, run in runs.items()},
+        "consistency_ratio": round(consistency_ratio(reference_full,
+                                                     runs["student"][0][:len(reference_full)]), 4),
+        "feature_network": network.label,
+        "num_samples": ec.num_samples,
+    }
+    write_reports(report_dir, {name: run[0] for name, run in runs.items()},
+                  (reference_full, runs["student"][0]), interpolate(student, cfg, device))
+    write_json(metrics_path, metrics)
+    return metrics

@@ -1,0 +1,98 @@
+"""Samplers: DDIM and DDPM over a model's own timesteps, one seeded noise stream per image.
+
+A model is a UNet with its schedule abar (over its own timesteps); a sampler visits a decreasing subset
+of those timesteps. The teacher's DDIM on phi and the student's DDIM over T' are the same function:
+(teacher, timesteps = phi) and (student, timesteps = 0..T'-1) with abar'_i = abar_{phi_i}.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import diffusion
+from .models import DiffusionModel
+
+SAMPLERS = ("ddim", "ddpm")
+
+
+def image_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image: an image's noise depends on its seed alone, not on the batch."""
+    return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+
+
+def gaussian(generators: list[torch.Generator], shape, device) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+def _eps(unet, x: torch.Tensor, t: int) -> torch.Tensor:
+    return unet(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).sample
+
+
+@torch.no_grad()
+def ddim_sample(unet, x: torch.Tensor, timesteps: Sequence[int], alphas_cumprod: np.ndarray,
+                generators=None) -> torch.Tensor:
+    """DDIM, eta = 0 (Song et al. 2021, eq. 12), from x at timesteps[-1] down to the data:
+
+    x0 = clip((x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t));  x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps,
+    s the next lower visited timestep and abar = 1 after the lowest, so the last step returns x0.
+    """
+    timesteps = list(timesteps)[::-1]
+    for t, s in zip(timesteps, timesteps[1:] + [-1]):
+        x = diffusion.ddim_step(x, _eps(unet, x, t), alphas_cumprod[t], diffusion.abar_at(alphas_cumprod, s))
+    return x
+
+
+@torch.no_grad()
+def ddpm_sample(unet, x: torch.Tensor, timesteps: Sequence[int], alphas_cumprod: np.ndarray,
+                generators: list[torch.Generator]) -> torch.Tensor:
+    """DDPM ancestral sampling (Ho et al. 2020) between consecutive visited timesteps t > s:
+
+    x_s = sqrt(abar_s) b_ts / (1 - abar_t) x0 + sqrt(a_ts) (1 - abar_s) / (1 - abar_t) x_t + sigma z,
+    a_ts = abar_t / abar_s, b_ts = 1 - a_ts, sigma^2 = (1 - abar_s) / (1 - abar_t) b_ts, x0 clipped;
+    the last step returns x0.
+    """
+    timesteps = list(timesteps)[::-1]
+    for t, s in zip(timesteps, timesteps[1:] + [-1]):
+        abar_t, abar_s = alphas_cumprod[t], float(diffusion.abar_at(alphas_cumprod, s))
+        x0 = diffusion.predict_x0(x, _eps(unet, x, t), abar_t).clamp(-1.0, 1.0)
+        if s < 0:
+            return x0
+        a_ts = abar_t / abar_s
+        mean = (np.sqrt(abar_s) * (1 - a_ts) / (1 - abar_t)) * x0 + (np.sqrt(a_ts) * (1 - abar_s) / (1 - abar_t)) * x
+        z = gaussian(generators, x.shape[1:], x.device)
+        x = mean + float(np.sqrt(diffusion.posterior_variance(abar_t, abar_s))) * z
+    return x
+
+
+SAMPLER_FUNCTIONS: dict[str, Callable] = {"ddim": ddim_sample, "ddpm": ddpm_sample}
+
+
+def generate(model: DiffusionModel, seeds: Sequence[int], sampler: str = "ddim",
+             timesteps: Optional[Sequence[int]] = None, batch_size: int = 250,
+             device: torch.device = torch.device("cpu"), noise: Optional[torch.Tensor] = None,
+             desc: str = "sampling") -> tuple[torch.Tensor, float]:
+    """Images in [-1, 1] (CPU, float32) for the given per-image seeds, and the seconds spent sampling.
+
+    timesteps: a subset of the model's own timesteps (default: all). noise: explicit starting noise
+    (used for interpolation); per-step DDPM noise still comes from the seeds.
+    """
+    timesteps = np.arange(model.num_timesteps) if timesteps is None else np.asarray(timesteps)
+    unet, sample = model.unet.to(device).eval(), SAMPLER_FUNCTIONS[sampler]
+    images, seconds = [], 0.0
+    for start in tqdm(range(0, len(seeds), batch_size), desc=desc, unit="batch", leave=False):
+        generators = image_generators(seeds[start:start + batch_size])
+        x = gaussian(generators, model.image_shape, device) if noise is None else \
+            noise[start:start + batch_size].to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        x = sample(unet, x, timesteps, model.alphas_cumprod, generators)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - began
+        images.append(x.float().cpu())
+    return torch.cat(images), seconds

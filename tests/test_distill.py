@@ -1,0 +1,89 @@
+"""SFDDM's alignment and loss terms, by hand on small tensors."""
+import numpy as np
+import torch
+
+from sfddm_core import diffusion
+from sfddm_core.config import DistillConfig
+from sfddm_core.distill import StudentSchedule, distillation_loss, trajectory_eps_target
+
+from conftest import make_unet
+
+
+class LinearEps(torch.nn.Module):
+    """A fake teacher, eps(x, t) = c_t x with c_t = 0.1 + t / 1000, simple enough to step by hand."""
+    def forward(self, x, t):
+        c = 0.1 + torch.as_tensor(t, dtype=torch.float32).reshape(-1, 1, 1, 1) / 1000
+        return type("Out", (), {"sample": c * x})()
+
+
+def test_student_input_equals_teacher_input_bit_for_bit(linear_abar):
+    schedule = StudentSchedule(diffusion.student_timesteps(1000, 7, "trailing"), linear_abar)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand(64, 1, 8, 8, generator=g) * 2 - 1, torch.randn(64, 1, 8, 8, generator=g)
+    i = np.random.default_rng(0).integers(0, 7, 64)
+    student_input = diffusion.q_sample(x0, eps, schedule.abar_student[i])
+    teacher_input = diffusion.q_sample(x0, eps, linear_abar[schedule.phi[i]])
+    assert torch.equal(student_input, teacher_input)
+    # and the exported betas describe exactly these noise levels
+    np.testing.assert_allclose(np.cumprod(1 - schedule.betas), schedule.abar_student, rtol=1e-12)
+
+
+def test_loss_is_zero_for_a_copy_of_the_teacher_with_all_steps():
+    T = 20
+    abar = diffusion.alphas_cumprod(diffusion.beta_schedule("linear", T))
+    schedule = StudentSchedule(diffusion.student_timesteps(T, T, "trailing"), abar)
+    teacher, student = make_unet(0), make_unet(0)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand(16, 1, 8, 8, generator=g) * 2 - 1, torch.randn(16, 1, 8, 8, generator=g)
+    i = np.arange(16) % T
+    cfg = DistillConfig(loss="l1", pointwise_weight=1.0, hidden_weight=1.0, trajectory_weight=1.0, substeps=4)
+    terms = distillation_loss(student, teacher, x0, eps, i, schedule, cfg)
+    assert set(terms) == {"loss", "pointwise", "hidden", "trajectory"}
+    assert terms["pointwise"].item() == 0 and terms["hidden"].item() == 0
+    assert terms["loss"].item() < 1e-10
+    different = distillation_loss(make_unet(1), teacher, x0, eps, i, schedule, cfg)
+    assert all(different[name].item() > 1e-3 for name in ("pointwise", "hidden", "trajectory"))
+
+
+def _ddim_by_hand(x, t, s, abar, clip):
+    """One DDIM step of LinearEps from teacher step t to s (s = -1: data), written out."""
+    a_t, a_s = abar[t], (1.0 if s < 0 else abar[s])
+    eps = (0.1 + t / 1000) * x
+    x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
+    x0 = x0.clamp(-1, 1) if clip else x0
+    return np.sqrt(a_s) * x0 + np.sqrt(1 - a_s) * eps
+
+
+def test_trajectory_target_lands_on_the_teachers_k_steps(linear_abar):
+    """i = 1 (phi: 499 -> 249) and i = 0 (249 -> data), K = 2: the teacher's two DDIM steps by hand,
+    then one student DDIM step with eps* (x0* inside) must land on them."""
+    schedule = StudentSchedule(diffusion.student_timesteps(1000, 4, "trailing"), linear_abar)
+    teacher = LinearEps()
+    x = torch.tensor([[[[0.5, -2.0], [1.5, 0.1]]], [[[0.3, -0.7], [2.5, -1.2]]]])
+    i = np.array([1, 0])
+    eps_t = teacher(x, torch.as_tensor(schedule.phi[i])).sample
+    eps_star = trajectory_eps_target(teacher, x, i, schedule, 2, eps_t)
+    for b, (t, s) in enumerate([(499, 249), (249, -1)]):
+        mid = (t + s) / 2
+        mid = int(np.round(mid))                                      # 374 and 124
+        x_mid = _ddim_by_hand(x[b], t, mid, linear_abar, clip=True)
+        target = _ddim_by_hand(x_mid, mid, s, linear_abar, clip=False)
+        a_t, a_s = linear_abar[t], (1.0 if s < 0 else linear_abar[s])
+        landed = diffusion.ddim_step(x[b], eps_star[b], a_t, a_s, clip=False)
+        torch.testing.assert_close(landed, target, atol=1e-5, rtol=1e-5)
+    # at i = 0 the landing point is the data end: x0* is the teacher's result itself
+    x0_star = diffusion.predict_x0(x[1], eps_star[1], linear_abar[249])
+    target0 = _ddim_by_hand(_ddim_by_hand(x[1], 249, 124, linear_abar, True), 124, -1, linear_abar, False)
+    torch.testing.assert_close(x0_star, target0, atol=1e-5, rtol=1e-5)
+
+
+def test_one_step_path_gives_the_teachers_eps(linear_abar):
+    """With T' = T every path is one teacher step, so eps* is eps_T exactly, clipping or not."""
+    abar = linear_abar[:10]
+    schedule = StudentSchedule(np.arange(10), abar)
+    x = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0)) * 3
+    i = np.array([0, 3, 5, 9])
+    eps_t = LinearEps()(x, torch.as_tensor(i)).sample
+    eps_star = trajectory_eps_target(LinearEps(), x, i, schedule, 8, eps_t)
+    # float32 round trip through x0* divides by sqrt(1 - abar_0) = 0.01, hence the tolerance
+    torch.testing.assert_close(eps_star, eps_t, atol=3e-4, rtol=1e-3)
