@@ -6,7 +6,9 @@ STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install run test clean
+IMAGE = $(shell cd components && $(PYTHON) -c 'from image import IMAGE; print(IMAGE)')
+
+.PHONY: install run test pipeline image clean
 
 install: $(STAMP)
 
@@ -24,5 +26,11 @@ run: install
 test: install
 	$(BIN)/python -m pytest
 
+pipeline: install
+	$(BIN)/sfddm pipeline compile
+
+image:
+	docker build -f components/Dockerfile -t $(IMAGE) .
+
 clean:
-	rm -rf data/prepared data/classifier.pt models samples metrics reports
+	rm -rf data/prepared data/classifier.pt models samples metrics reports/evaluate kfp-local

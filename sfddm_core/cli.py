@@ -56,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
             teacher="models/teacher", student="models/student", teacher_samples="samples/teacher",
             data="data/prepared", classifier="data/classifier.pt", metrics="metrics/evaluate.json",
             reports="reports/evaluate")
+    command("register", "register the student in the MLflow registry (alias challenger)",
+            student="models/student", metrics="metrics/evaluate.json", data="data/prepared",
+            output="metrics/register.json")
+    promote = command("promote", "move alias champion to a version whose stored FID passes the gates")
+    promote.add_argument("--version", type=_positive_int, default=None, help="default: the challenger")
+    promote.add_argument("--force", action="store_true", help="skip the FID gates; needs --reason")
+    promote.add_argument("--reason", default=None, help="recorded on the version as sfddm.forced_reason")
+    promote.add_argument("--gate-output", type=Path, default=None,
+                         help="write the decision JSON here and exit 0 on a refusal (dvc repro)")
     sample = command("sample", "sample any model folder to a PNG grid and an .npz", model="models/student",
                      out="reports/samples")
     sample.add_argument("--num-images", type=_positive_int, default=64)
@@ -63,45 +72,91 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: all of the model's own steps; fewer: trailing subset")
     sample.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     sample.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
+
+    pipeline = commands.add_parser("pipeline", help="the Kubeflow pipeline: compile it, run it here, submit it")
+    actions = pipeline.add_subparsers(dest="action", required=True)
+    compile_ = actions.add_parser("compile", parents=[settings],
+                                  help="write the pipeline package; --params gives the default of `params`")
+    compile_.add_argument("--out", type=Path, default=Path("pipelines/sfddm_pipeline.yaml"))
+    arguments = argparse.ArgumentParser(add_help=False)
+    arguments.add_argument("--arg", dest="arguments", type=_override, action="append", default=[],
+                           metavar="NAME=VALUE", help="a pipeline parameter, e.g. --arg student_steps=8")
+    run_local = actions.add_parser("run-local", parents=[settings, arguments],
+                                   help="run the whole pipeline on this machine through kfp.local")
+    run_local.add_argument("--root", type=Path, default=Path("kfp-local"), help="where task outputs go")
+    submit = actions.add_parser("submit", parents=[settings, arguments],
+                                help="start a run on a Kubeflow Pipelines server")
+    submit.add_argument("--host", required=True, help="KFP API address, e.g. http://localhost:8080")
+    submit.add_argument("--experiment", default="sfddm")
     return parser
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int:
+    if args.command == "pipeline":        # the only command that reaches the pipeline code (and kfp)
+        import pipelines
+        if args.action == "compile":
+            print(pipelines.compile_pipeline(args.out, args.params))
+        elif args.action == "run-local":
+            version = pipelines.run_local(args.params, dict(args.overrides), args.root, dict(args.arguments))
+            print(f"registered model version {version}")
+        else:
+            print(pipelines.submit(args.host, args.params, dict(args.arguments), args.experiment,
+                                   overrides=dict(args.overrides)))
+        return 0
     cfg = config_lib.load(args.params, dict(args.overrides))
-    if args.command == "prepare":
-        from . import data
-        data.prepare(cfg.data, cfg.seed, args.out)
-    elif args.command == "train-classifier":
-        from . import fid
-        fid.train_and_save_classifier(cfg, args.data, args.out)
-    elif args.command == "train-teacher":
-        from . import teacher
-        teacher.run(cfg, args.data, args.out, args.loss_csv)
-    elif args.command == "sample-teacher":
-        from . import evaluate
-        evaluate.sample_teacher(cfg, args.teacher, args.out)
-    elif args.command == "distill":
-        from . import distill
-        distill.run(cfg, args.teacher, args.data, args.out, args.loss_csv)
-    elif args.command == "evaluate":
-        from . import evaluate
-        metrics = evaluate.evaluate(cfg, args.teacher, args.student, args.teacher_samples, args.data,
-                                    args.classifier, args.metrics, args.reports)
-        print(yaml.safe_dump(metrics, sort_keys=False), end="")
-    elif args.command == "sample":
-        from . import evaluate
-        evaluate.sample_to_files(cfg, args.model, args.out, args.num_images, args.steps, args.sampler,
-                                 args.seed)
+    from . import tracking
+    if args.command == "promote":
+        from . import registry
+        r = cfg.registry
+        decision = (registry.promote_gate(r.model_name, r.max_fid, args.gate_output, args.version, args.force,
+                                          args.reason) if args.gate_output else
+                    registry.promote(r.model_name, r.max_fid, args.version, args.force, args.reason))
+        print(yaml.safe_dump(decision.to_dict(), sort_keys=False), end="")
+        return 0 if decision.promoted or args.gate_output else 1      # a refusal: 1; bad input: 2
+    with tracking.stage_run(args.command.replace("-", "_"), cfg):
+        if args.command == "prepare":
+            from . import data
+            data.prepare(cfg.data, cfg.seed, args.out)
+        elif args.command == "train-classifier":
+            from . import fid
+            fid.train_and_save_classifier(cfg, args.data, args.out)
+        elif args.command == "train-teacher":
+            from . import teacher
+            teacher.run(cfg, args.data, args.out, args.loss_csv)
+            tracking.log_loss_csv(args.loss_csv)
+        elif args.command == "sample-teacher":
+            from . import evaluate
+            evaluate.sample_teacher(cfg, args.teacher, args.out)
+        elif args.command == "distill":
+            from . import distill
+            distill.run(cfg, args.teacher, args.data, args.out, args.loss_csv)
+            tracking.log_loss_csv(args.loss_csv)
+        elif args.command == "evaluate":
+            from . import evaluate
+            metrics = evaluate.evaluate(cfg, args.teacher, args.student, args.teacher_samples, args.data,
+                                        args.classifier, args.metrics, args.reports)
+            tracking.log_metrics_file(args.metrics)
+            tracking.log_artifacts(args.reports)
+            print(yaml.safe_dump(metrics, sort_keys=False), end="")
+        elif args.command == "register":
+            from . import io, registry
+            registration = registry.register(args.student, args.metrics, args.data, cfg.registry.model_name)
+            io.write_json(args.output, registration.to_dict())
+            print(yaml.safe_dump(registration.to_dict(), sort_keys=False), end="")
+        elif args.command == "sample":
+            from . import evaluate
+            evaluate.sample_to_files(cfg, args.model, args.out, args.num_images, args.steps, args.sampler,
+                                     args.seed)
+    return 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        return run(args)
     except SfddmError as err:
         print(f"sfddm {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -85,6 +85,12 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    model_name: str = "sfddm-student"   # MLflow registered model
+    max_fid: float = 100.0              # promotion gate on fid.student (same feature network, sample count)
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     device: str = "auto"                # auto | cpu | cuda
@@ -93,6 +99,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
     @property
     def student_timesteps(self):
@@ -114,7 +121,7 @@ POSITIVE = {"data.image_size", "data.max_images", "teacher.num_train_timesteps",
             "teacher.batch_size", "teacher.iterations", "teacher.unet.layers_per_block",
             "teacher.unet.norm_num_groups", "student.steps", "distill.substeps", "distill.lr",
             "distill.batch_size", "distill.iterations", "evaluate.num_samples", "evaluate.batch_size", "evaluate.consistency_samples",
-            "evaluate.classifier_iterations"}
+            "evaluate.classifier_iterations", "registry.max_fid"}
 NON_NEGATIVE = {"seed", "evaluate.seed", "distill.pointwise_weight", "distill.hidden_weight",
                 "distill.trajectory_weight"}
 UNIT_INTERVAL = {"data.test_fraction", "teacher.ema_decay", "distill.ema_decay"}
@@ -214,6 +221,8 @@ def validate(cfg: Config) -> Config:
     if cfg.data.source == "cifar10" and not (cfg.data.path or cfg.data.download):
         raise ConfigError("data.path: cifar10 needs the folder holding cifar-10-batches-py "
                           "(or data.download: true where the network allows)")
+    if not cfg.registry.model_name.strip():
+        raise ConfigError("registry.model_name: expected a non-empty name")
     if cfg.evaluate.consistency_samples > cfg.evaluate.num_samples:
         raise ConfigError(f"evaluate.consistency_samples: {cfg.evaluate.consistency_samples} exceeds "
                           f"evaluate.num_samples = {cfg.evaluate.num_samples}")

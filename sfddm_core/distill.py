@@ -106,6 +106,24 @@ def distillation_loss(student_unet, teacher_unet, x0: torch.Tensor, eps: torch.T
     return {"loss": total, **terms}
 
 
+@torch.no_grad()
+def align_time_embedding(student_unet, teacher_unet, phi: np.ndarray) -> None:
+    """Make a copy of the teacher at student step i compute what the teacher computes at phi_i.
+
+    The UNet sees a timestep only through linear_1(proj(t)), proj the fixed sinusoidal features. A copied
+    student is called with i, not phi_i, so its first layer is re-solved (least squares over the T'
+    steps) for W' proj(i) = W proj(phi_i): exact while T' <= the number of sinusoidal features. The
+    student then starts as the teacher's own DDIM on phi instead of from mismatched noise levels.
+    """
+    proj = teacher_unet.time_proj
+    features_student = proj(torch.arange(len(phi))).double()             # (T', F)
+    features_teacher = proj(torch.as_tensor(phi)).double()
+    weight = teacher_unet.time_embedding.linear_1.weight.double()          # (E, F)
+    target = features_teacher @ weight.T                                   # (T', E)
+    solution = torch.linalg.lstsq(features_student, target, driver="gelsd").solution   # (F, E)
+    student_unet.time_embedding.linear_1.weight.copy_(solution.T.float())
+
+
 def distill(cfg: Config, teacher: models.DiffusionModel, data_dir: Path):
     """Train the student; returns (student UNet (EMA), its betas, the loss log)."""
     device = resolve_device(cfg.device)
@@ -123,6 +141,7 @@ def distill(cfg: Config, teacher: models.DiffusionModel, data_dir: Path):
     student_unet = models.UNet2DModel.from_config(teacher_unet.config)
     if cfg.student.init == "teacher":
         student_unet.load_state_dict(teacher_unet.state_dict())
+        align_time_embedding(student_unet, teacher_unet, schedule.phi)
     student_unet = student_unet.to(device).requires_grad_(True)
     dc = cfg.distill
 

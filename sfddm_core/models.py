@@ -124,7 +124,7 @@ def load_model(folder: Path) -> DiffusionModel:
         raise SfddmError(f"{folder}: prediction_type {scheduler_config['prediction_type']!r}; "
                          "sfddm distills eps-prediction models (prediction_type: epsilon)")
     try:
-        unet = UNet2DModel.from_pretrained(folder, subfolder="unet")
+        unet = UNet2DModel.from_pretrained(folder, subfolder="unet", low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as err:
         raise SfddmError(f"{folder / 'unet'}: cannot load the UNet ({str(err).splitlines()[0]})") from None
     if unet.config.out_channels != unet.config.in_channels:

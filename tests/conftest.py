@@ -13,6 +13,12 @@ def make_unet(seed: int = 0, channels: int = 1, size: int = 8):
     return models.build_unet(cfg, size, channels).eval()
 
 
+@pytest.fixture(autouse=True)
+def no_tracking_by_default(monkeypatch):
+    """Stage tests run without MLflow (a new SQLite store costs ~10 s); tracking tests turn it on."""
+    monkeypatch.setenv("SFDDM_TRACKING", "off")
+
+
 @pytest.fixture
 def unet():
     return make_unet()
@@ -21,3 +27,20 @@ def unet():
 @pytest.fixture
 def linear_abar():
     return diffusion.alphas_cumprod(diffusion.beta_schedule("linear", 1000))
+
+
+# Settings small enough for an end-to-end run of every stage in seconds on a CPU.
+TINY_PARAMS = {
+    "teacher": {"iterations": 30, "batch_size": 32, "num_train_timesteps": 100,
+                "unet": {"block_out_channels": [8, 16], "attention": [False, True], "norm_num_groups": 4}},
+    "distill": {"iterations": 10, "batch_size": 16, "substeps": 4},
+    "evaluate": {"num_samples": 40, "batch_size": 40, "consistency_samples": 20, "classifier_iterations": 30},
+}
+
+
+def merged(base: dict, changes: dict) -> dict:
+    """base with changes applied key by key, recursively (both are params.yaml-style dicts)."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merged(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out

@@ -87,3 +87,16 @@ def test_one_step_path_gives_the_teachers_eps(linear_abar):
     eps_star = trajectory_eps_target(LinearEps(), x, i, schedule, 8, eps_t)
     # float32 round trip through x0* divides by sqrt(1 - abar_0) = 0.01, hence the tolerance
     torch.testing.assert_close(eps_star, eps_t, atol=3e-4, rtol=1e-3)
+
+
+def test_teacher_init_starts_as_the_teacher_on_phi(linear_abar):
+    from sfddm_core.distill import align_time_embedding
+    phi = diffusion.student_timesteps(1000, 4, "trailing")
+    teacher, student = make_unet(0), make_unet(1)
+    student.load_state_dict(teacher.state_dict())
+    align_time_embedding(student, teacher, phi)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = student(x, torch.arange(4)).sample
+        theirs = teacher(x, torch.as_tensor(phi)).sample
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)

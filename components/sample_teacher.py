@@ -1,0 +1,18 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+from .image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def sample_teacher(config: str, teacher_model: Input[Model], teacher_samples: Output[Dataset]):
+    """sfddm sample-teacher: the teacher's DDPM and DDIM samples over all T steps, the references
+    that evaluate measures the student against."""
+    import json
+    from pathlib import Path
+
+    from sfddm_core import config as config_lib, evaluate, tracking
+
+    cfg = config_lib.from_dict(json.loads(config))
+    with tracking.stage_run("sample_teacher", cfg):
+        evaluate.sample_teacher(cfg, Path(teacher_model.path), Path(teacher_samples.path))

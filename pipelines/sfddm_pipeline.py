@@ -1,0 +1,160 @@
+"""The sfddm Kubeflow pipeline: the stages of dvc.yaml as a DAG of components (components/).
+
+    resolve_config -> prepare_data -+-> train_classifier ---------------------+
+                                    +-> train_teacher -+-> sample_teacher ----+-> evaluate -> register
+                                                       +-> distill -----------+
+    promote (register's version), only if evaluate's student FID <= max_fid
+
+Settings: `params` is params.yaml as JSON (its content at compile time is the default); the other
+parameters are the settings users change per run: each overrides its key in params unless left at 0 or
+"" (kfp.local cannot run a pipeline whose parameters may be absent, so they are never None). Every
+stage gets the whole resolved config: any change of settings re-runs every stage instead of risking a
+stale result from KFP's cache (dvc.yaml, which lists each stage's keys, is the finer-grained cache).
+GPU steps get the GPU profile (pipelines/gpu_profile.py); every step gets MLflow and object-store
+settings from the run namespace (k8s/pipeline-runner) and the run id as SFDDM_PIPELINE_RUN, which groups
+its MLflow runs.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+from kfp import compiler, dsl, kubernetes
+
+import components
+from sfddm_core import config, registry
+
+from . import gpu_profile
+
+PIPELINE_NAME = "sfddm"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
+COMPILED_PIPELINE = Path(__file__).with_name("sfddm_pipeline.yaml")
+# A loose bar (classifier-feature FID on digits); the registry also requires a lower FID than the
+# champion's, measured the same way, which is the gate that matters once there is a champion.
+DEFAULT_MAX_FID = 50.0
+
+# The ConfigMap and Secret that k8s/pipeline-runner and k8s/README.md ("Secrets") create in the
+# namespace where runs execute: {key: environment variable}.
+SETTINGS_CONFIG_MAP = "sfddm-pipeline-settings"
+SETTINGS_ENV = {key: key for key in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
+                                     "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION")}
+# MLflow reads the S3 endpoint from a variable of its own; the ConfigMap names the store once.
+MLFLOW_S3_ENV = {"AWS_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL"}
+S3_SECRET = "sfddm-mlflow-s3"
+S3_SECRET_ENV = {key: key for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+# The KFP API server labels every pod of a run with its run id. Read through the downward API rather
+# than set_env_variable(dsl.PIPELINE_JOB_ID_PLACEHOLDER): KFP substitutes placeholders in commands
+# and inputs but copies env values verbatim, and a run id among the inputs would defeat caching.
+PIPELINE_RUN_ENV = "SFDDM_PIPELINE_RUN"
+RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: str
+    memory: str
+
+
+# Requests per kind of step. The memory limit equals the request, so a step that outgrows it is
+# OOM-killed with that reason instead of evicting its neighbours; CPU is not limited (throttling
+# only slows a step down).
+CPU_STEP = Resources(cpu="1", memory="4Gi")
+GPU_STEP = Resources(cpu="4", memory="16Gi")
+# Training steps are retried: a preempted or evicted node should not cost the whole run.
+TRAINING_RETRIES = 2
+RETRY_BACKOFF = {"backoff_duration": "60s", "backoff_factor": 2.0, "backoff_max_duration": "600s"}
+
+
+def resolved_params(params_path: Union[str, Path] = DEFAULT_PARAMS, overrides: Optional[dict] = None) -> str:
+    """params.yaml with dotted overrides, validated and with every default spelled out, as JSON."""
+    return json.dumps(config.to_dict(config.load(params_path, overrides)))
+
+
+def build_pipeline(params_path: Union[str, Path] = DEFAULT_PARAMS,
+                   gpu: Optional[gpu_profile.GpuProfile] = None):
+    """The pipeline function, with `params` defaulting to the content of params_path."""
+    default_params = resolved_params(params_path)
+    gpu = gpu or gpu_profile.load()
+
+    def on_cpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
+        return _with_run_settings(_with_resources(task, CPU_STEP))
+
+    def on_gpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
+        _with_resources(task, GPU_STEP)
+        task.set_accelerator_type(gpu.accelerator_type).set_accelerator_limit(gpu.accelerator_limit)
+        kubernetes.add_node_selector(task, gpu.node_selector_key, gpu.node_selector_value)
+        kubernetes.add_toleration(task, key=gpu.toleration_key, operator=gpu.toleration_operator,
+                                  effect=gpu.toleration_effect)
+        return _with_run_settings(task)
+
+    def retried(task: dsl.PipelineTask) -> dsl.PipelineTask:
+        return task.set_retry(TRAINING_RETRIES, **RETRY_BACKOFF)
+
+    def never_cached(task: dsl.PipelineTask) -> dsl.PipelineTask:
+        # Registration and promotion act on the registry as it is now, not as it was last time.
+        return task.set_caching_options(enable_caching=False)
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Distil a many-step diffusion model into a few-step "
+                  "student with SFDDM; evaluate, register and promote it in MLflow.")
+    def sfddm_pipeline(
+        params: str = default_params,
+        data_source: str = "",
+        teacher_timesteps: int = 0,
+        student_steps: int = 0,
+        spacing: str = "",
+        teacher_iterations: int = 0,
+        distill_iterations: int = 0,
+        fid_num_samples: int = 0,
+        registered_model_name: str = registry.DEFAULT_MODEL_NAME,
+        max_fid: float = DEFAULT_MAX_FID,
+    ) -> int:
+        cfg = on_cpu(components.resolve_config(
+            params=params, data_source=data_source, teacher_timesteps=teacher_timesteps,
+            student_steps=student_steps, spacing=spacing, teacher_iterations=teacher_iterations,
+            distill_iterations=distill_iterations, fid_num_samples=fid_num_samples)).output
+        dataset = on_cpu(components.prepare_data(config=cfg)).outputs["dataset"]
+        classifier = retried(on_cpu(components.train_classifier(config=cfg, dataset=dataset)))
+        teacher = retried(on_gpu(components.train_teacher(config=cfg, dataset=dataset)))
+        teacher_model = teacher.outputs["teacher_model"]
+        teacher_samples = on_gpu(components.sample_teacher(config=cfg, teacher_model=teacher_model))
+        student = retried(on_gpu(components.distill(config=cfg, teacher_model=teacher_model,
+                                                    dataset=dataset)))
+        student_model = student.outputs["student_model"]
+        evaluation = on_gpu(components.evaluate(
+            config=cfg, teacher_model=teacher_model, student_model=student_model,
+            teacher_samples=teacher_samples.outputs["teacher_samples"], dataset=dataset,
+            classifier=classifier.outputs["classifier"]))
+        registration = never_cached(on_cpu(components.register(
+            config=cfg, student_model=student_model, evaluation=evaluation.outputs["evaluation"],
+            dataset=dataset, model_name=registered_model_name)))
+        student_fid = evaluation.outputs["Output"]
+        with dsl.If(student_fid <= max_fid, name="student-fid-at-most-max-fid"):
+            never_cached(on_cpu(components.promote(
+                model_name=registered_model_name, model_version=registration.outputs["model_version"],
+                max_fid=max_fid)))
+        return registration.outputs["model_version"]
+
+    return sfddm_pipeline
+
+
+def _with_resources(task: dsl.PipelineTask, resources: Resources) -> dsl.PipelineTask:
+    return task.set_cpu_request(resources.cpu).set_memory_request(resources.memory) \
+        .set_memory_limit(resources.memory)
+
+
+def _with_run_settings(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    kubernetes.use_config_map_as_env(task, SETTINGS_CONFIG_MAP, SETTINGS_ENV)
+    kubernetes.use_config_map_as_env(task, SETTINGS_CONFIG_MAP, MLFLOW_S3_ENV)
+    kubernetes.use_secret_as_env(task, S3_SECRET, S3_SECRET_ENV)
+    kubernetes.use_field_path_as_env(task, PIPELINE_RUN_ENV, RUN_ID_FIELD)
+    return task
+
+
+def compile_pipeline(path: Union[str, Path] = COMPILED_PIPELINE,
+                     params_path: Union[str, Path] = DEFAULT_PARAMS) -> Path:
+    """Write the pipeline package (YAML) to path; the same inputs always give the same bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(params_path), str(path))
+    return path

@@ -1,0 +1,81 @@
+"""Components called as plain functions (`python_func`) on artifacts in a temporary folder, on tiny
+settings; the whole DAG runs in tests/test_pipeline.py."""
+import base64
+import io
+import json
+
+import pytest
+from conftest import TINY_PARAMS
+from kfp import dsl
+from PIL import Image
+
+import components
+from components.reports import fid_table_markdown, sample_grids_html
+from sfddm_core import config
+from sfddm_core.errors import ConfigError
+
+NO_OVERRIDES = {"data_source": "", "teacher_timesteps": 0, "student_steps": 0, "spacing": "",
+                "teacher_iterations": 0, "distill_iterations": 0, "fid_num_samples": 0}
+
+
+@pytest.fixture
+def tiny_config():
+    return components.resolve_config.python_func(params=json.dumps(TINY_PARAMS), **NO_OVERRIDES)
+
+
+@pytest.fixture(autouse=True)
+def no_tracking(monkeypatch):
+    # MLflow tracking is the pipeline test's business; here it would only write an mlflow.db.
+    monkeypatch.setenv("SFDDM_TRACKING", "off")
+
+
+def test_resolve_config_applies_pipeline_settings_over_params():
+    settings = {**NO_OVERRIDES, "student_steps": 5, "spacing": "[19, 39, 59, 79, 99]",
+                "distill_iterations": 7}
+    resolved = json.loads(components.resolve_config.python_func(params=json.dumps(TINY_PARAMS), **settings))
+    assert resolved["student"] == {"steps": 5, "spacing": [19, 39, 59, 79, 99], "init": "teacher"}
+    assert resolved["distill"]["iterations"] == 7
+    assert resolved["teacher"]["num_train_timesteps"] == 100        # left at 0: the value in params
+    assert config.from_dict(resolved).student_timesteps.tolist() == [19, 39, 59, 79, 99]
+
+
+def test_resolve_config_refuses_a_bad_setting_naming_its_key():
+    with pytest.raises(ConfigError, match="student.steps"):
+        components.resolve_config.python_func(params=json.dumps(TINY_PARAMS),
+                                              **{**NO_OVERRIDES, "student_steps": 101})
+
+
+def test_prepare_data_then_train_teacher(tmp_path, tiny_config):
+    dataset = dsl.Dataset(uri=str(tmp_path / "dataset"))
+    components.prepare_data.python_func(config=tiny_config, dataset=dataset)
+    assert dataset.metadata["shape"] == [1, 8, 8] and dataset.metadata["counts"]["test"] > 0
+
+    teacher_model = dsl.Model(uri=str(tmp_path / "teacher"))
+    loss_log = dsl.Dataset(uri=str(tmp_path / "loss"))
+    components.train_teacher.python_func(config=tiny_config, dataset=dataset, teacher_model=teacher_model,
+                                         loss_log=loss_log)
+    assert (tmp_path / "teacher" / "unet").is_dir()
+    # The resolved config is written next to the model, as by `sfddm train-teacher`.
+    saved = config.load(tmp_path / "teacher" / "sfddm_config.yaml")
+    assert saved == config.from_dict(json.loads(tiny_config))
+    assert len((tmp_path / "loss").read_text().splitlines()) == 1 + TINY_PARAMS["teacher"]["iterations"]
+
+
+def test_fid_table_lists_every_sampler_and_what_the_fid_depends_on():
+    metrics = {"fid": {"teacher_ddpm": 3.5, "teacher_ddim": 9.25, "student": 7.125},
+               "nfe": {"teacher_ddpm": 1000, "teacher_ddim": 4, "student": 4},
+               "images_per_second": {"teacher_ddpm": 2.0, "teacher_ddim": 400.0, "student": 410.5},
+               "consistency_ratio": 0.25, "feature_network": "digits-classifier", "num_samples": 500}
+    table = fid_table_markdown(metrics, "the test split of digits (449 images)")
+    assert "| teacher, DDPM over all T steps | 1000 | 3.50 | 2.0 |" in table
+    assert "| student (SFDDM) | 4 | 7.12 | 410.5 |" in table
+    assert all(fact in table for fact in ("500 samples", "digits-classifier", "449 images", "0.250"))
+
+
+def test_sample_grids_page_inlines_every_png(tmp_path):
+    for name in ("samples_student", "teacher_vs_student"):
+        Image.new("L", (9, 9), color=128).save(tmp_path / f"{name}.png")
+    page = sample_grids_html(str(tmp_path))
+    encoded = [part.split('"')[0] for part in page.split("data:image/png;base64,")[1:]]
+    assert len(encoded) == 2 and "<figcaption>teacher vs student</figcaption>" in page
+    assert Image.open(io.BytesIO(base64.b64decode(encoded[0]))).size == (9, 9)

@@ -1,0 +1,183 @@
+"""The Kubeflow pipeline: the committed package is what the code compiles to, its tasks carry the cluster
+settings they need, the whole DAG runs through kfp.local, and a submit to nowhere fails fast."""
+import difflib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import TINY_PARAMS
+
+from components.image import DEFAULT_IMAGE
+from pipelines import gpu_profile, run_local, submit
+from pipelines.sfddm_pipeline import COMPILED_PIPELINE, REPO_ROOT
+from sfddm_core.errors import SfddmError
+from sfddm_core.tracking import flatten
+
+GPU_STEPS = {"train-teacher", "sample-teacher", "distill", "evaluate"}
+CPU_STEPS = {"resolve-config", "prepare-data", "train-classifier", "register", "promote"}
+TRAINING_STEPS = {"train-classifier", "train-teacher", "distill"}
+REGISTRY_STEPS = {"register", "promote"}
+
+
+@pytest.fixture(scope="module")
+def spec():
+    """The committed pipeline package (test_committed_pipeline_is_a_fresh_compile vouches for it): the
+    pipeline spec and the Kubernetes platform spec, two YAML documents, as one mapping."""
+    pipeline_spec, platform_spec = yaml.safe_load_all(COMPILED_PIPELINE.read_text())
+    return {**pipeline_spec, **platform_spec}
+
+
+def executors(spec):
+    return {name.removeprefix("exec-"): executor["container"]
+            for name, executor in spec["deploymentSpec"]["executors"].items()}
+
+
+def k8s_executors(spec):
+    return {name.removeprefix("exec-"): config
+            for name, config in spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items()}
+
+
+def tasks(spec):
+    """Every task of the DAG, those inside the dsl.If included, by name."""
+    found = dict(spec["root"]["dag"]["tasks"])
+    for component in spec["components"].values():
+        found.update(component.get("dag", {}).get("tasks", {}))
+    return found
+
+
+def test_committed_pipeline_is_a_fresh_compile(tmp_path):
+    # A fresh interpreter without the compile-time settings: the image is read when components import.
+    env = {key: value for key, value in os.environ.items() if key not in ("SFDDM_IMAGE", "SFDDM_GPU_PROFILE")}
+    fresh = tmp_path / "sfddm_pipeline.yaml"
+    script = f"from pipelines import compile_pipeline; compile_pipeline({str(fresh)!r})"
+    subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, check=True)
+    committed, compiled = COMPILED_PIPELINE.read_text(), fresh.read_text()
+    diff = "".join(list(difflib.unified_diff(committed.splitlines(True), compiled.splitlines(True),
+                                             "committed", "fresh compile"))[:60])
+    assert committed == compiled, f"{COMPILED_PIPELINE} is stale: run `sfddm pipeline compile`\n{diff}"
+
+
+def test_every_step_runs_the_one_image_and_installs_nothing(spec):
+    for name, container in executors(spec).items():
+        assert container["image"] == DEFAULT_IMAGE, name
+        assert "pip install" not in " ".join(container["command"] + container.get("args", [])), name
+    assert set(executors(spec)) == GPU_STEPS | CPU_STEPS
+
+
+def test_gpu_steps_get_a_gpu_on_the_gpu_pool_and_cpu_steps_do_not(spec):
+    profile = gpu_profile.load()        # the repository's sfddm-gpu-profile ConfigMap
+    k8s = k8s_executors(spec)
+    for name, container in executors(spec).items():
+        resources = container["resources"]
+        assert resources["resourceCpuRequest"] and resources["resourceMemoryRequest"], name
+        assert resources["resourceMemoryLimit"] == resources["resourceMemoryRequest"], name
+        if name in GPU_STEPS:
+            assert resources["accelerator"]["resourceType"] == profile.accelerator_type == "nvidia.com/gpu"
+            assert int(resources["accelerator"]["resourceCount"]) == profile.accelerator_limit == 1
+            assert k8s[name]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+            assert k8s[name]["tolerations"] == [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        else:
+            assert "accelerator" not in resources, name
+            assert "nodeSelector" not in k8s[name] and "tolerations" not in k8s[name], name
+
+
+def test_every_step_gets_mlflow_and_store_settings_and_the_run_id(spec):
+    for name, config in k8s_executors(spec).items():
+        assert {source["configMapName"] for source in config["configMapAsEnv"]} == {"sfddm-pipeline-settings"}
+        env = {entry["envVar"]: entry["configMapKey"] for source in config["configMapAsEnv"]
+               for entry in source["keyToEnv"]}
+        assert env["MLFLOW_TRACKING_URI"] == "MLFLOW_TRACKING_URI", name
+        assert env["AWS_ENDPOINT_URL"] == env["MLFLOW_S3_ENDPOINT_URL"] == "AWS_ENDPOINT_URL", name
+        [secret] = config["secretAsEnv"]
+        assert secret["secretName"] == "sfddm-mlflow-s3"
+        assert {entry["envVar"] for entry in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID",
+                                                                      "AWS_SECRET_ACCESS_KEY"}
+        assert config["fieldPathAsEnv"] == [{"fieldPath": "metadata.labels['pipeline/runid']",
+                                             "name": "SFDDM_PIPELINE_RUN"}], name
+
+
+def test_training_retries_and_registry_steps_are_never_cached(spec):
+    for name, task in tasks(spec).items():
+        if name.startswith("condition"):
+            continue
+        if name in TRAINING_STEPS:
+            assert task["retryPolicy"] == {"maxRetryCount": 2, "backoffDuration": "60s", "backoffFactor": 2.0,
+                                           "backoffMaxDuration": "600s"}, name
+        else:
+            assert "retryPolicy" not in task, name
+        assert task["cachingOptions"].get("enableCache", False) is (name not in REGISTRY_STEPS), name
+
+
+def test_promote_runs_only_when_the_student_fid_is_within_max_fid(spec):
+    [gate] = [task for name, task in tasks(spec).items() if name.startswith("condition")]
+    assert gate["taskInfo"]["name"] == "student-fid-at-most-max-fid"
+    assert gate["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--evaluate-Output'] <= "
+        "inputs.parameter_values['pipelinechannel--max_fid']")
+    assert set(spec["components"][gate["componentRef"]["name"]]["dag"]["tasks"]) == {"promote"}
+
+
+def test_params_default_is_the_resolved_params_yaml(spec):
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert json.loads(inputs["params"]["defaultValue"])["teacher"]["num_train_timesteps"] == 1000
+    assert {"data_source", "teacher_timesteps", "student_steps", "spacing", "teacher_iterations",
+            "distill_iterations", "fid_num_samples", "registered_model_name", "max_fid"} <= set(inputs)
+
+
+def test_gpu_profile_reads_configmap_data_and_names_missing_keys(tmp_path):
+    data = yaml.safe_load((REPO_ROOT / "k8s/overlays/gpu/gpu-profile.yaml").read_text())["data"]
+    (tmp_path / "data.json").write_text(json.dumps(data))       # kubectl ... -o jsonpath='{.data}'
+    assert gpu_profile.load(tmp_path / "data.json") == gpu_profile.load()
+    del data["gpu_toleration_effect"]
+    (tmp_path / "partial.json").write_text(json.dumps(data))
+    with pytest.raises(SfddmError, match="lacks gpu_toleration_effect"):
+        gpu_profile.load(tmp_path / "partial.json")
+
+
+def test_unknown_pipeline_argument_is_refused_before_running(tmp_path):
+    with pytest.raises(SfddmError, match="unknown pipeline parameter 'student_step'"):
+        run_local(pipeline_root=tmp_path, arguments={"student_step": 8})
+
+
+def test_submit_to_an_unreachable_host_fails_fast_with_one_line():
+    started = time.monotonic()
+    with pytest.raises(SfddmError) as error:
+        submit("http://127.0.0.1:1", arguments={"student_steps": 8, "max_fid": 40})
+    assert time.monotonic() - started < 15
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and "127.0.0.1:1" in message and "unreachable" in message
+
+
+@pytest.mark.slow
+def test_whole_pipeline_runs_locally_and_registers_a_champion(tmp_path, monkeypatch):
+    import mlflow
+
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    monkeypatch.delenv("SFDDM_PIPELINE_RUN", raising=False)
+    started = time.monotonic()
+    # teacher_timesteps, a pipeline parameter, takes T from 100 to 20: it checks that pipeline
+    # parameters reach the stages, and cuts the teacher's sampling over all T steps to a fifth.
+    version = run_local(overrides=flatten(TINY_PARAMS), pipeline_root=tmp_path / "runs",
+                        arguments={"teacher_timesteps": 20, "registered_model_name": "sfddm-tiny",
+                                   "max_fid": 10**6})
+    print(f"local pipeline run: {time.monotonic() - started:.0f} s")
+
+    assert version == 1
+    client = mlflow.MlflowClient(tracking_uri)
+    champion = client.get_model_version_by_alias("sfddm-tiny", "champion")
+    assert int(champion.version) == 1 and champion.tags["T"] == "20"
+    [run_dir] = (tmp_path / "runs").iterdir()
+    decision = json.loads((run_dir / "promote" / "decision").read_text())
+    assert decision["promoted"] is True and decision["champion_version"] == 1
+    assert "| student (SFDDM) | 4 |" in (run_dir / "evaluate" / "fid_table").read_text()
+    assert (run_dir / "evaluate" / "sample_grids").read_text().count("data:image/png;base64,") == 5
+    # All stage runs of this pipeline execution hang under one parent run in MLflow.
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    parents = {run.data.tags.get("mlflow.parentRunId") for run in runs if "sfddm.stage" in run.data.tags}
+    assert len(parents) == 1 and None not in parents

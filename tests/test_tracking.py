@@ -1,0 +1,123 @@
+"""Stage runs in MLflow: params, per-step losses, metrics and artifacts; pipeline grouping; KFP's
+MLFLOW_RUN_ID continued; fast, one-line failure when the server is unreachable."""
+import csv
+import json
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from sfddm_core import tracking
+from sfddm_core.config import Config
+from sfddm_core.errors import SfddmError
+
+from mlflow_server import free_port, fresh_database
+
+@pytest.fixture
+def tracking_db(tmp_path, tmp_path_factory, monkeypatch):
+    """A fresh SQLite tracking store in tmp_path, the working directory, and no tracking settings from
+    outside (connect()'s HTTP defaults are undone afterwards); returns a client of the store."""
+    for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID", "SFDDM_PIPELINE_RUN",
+                 "SFDDM_TRACKING"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in tracking.HTTP_DEFAULTS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    uri = fresh_database(tmp_path_factory, tmp_path / "tracking.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return MlflowClient(uri)
+
+
+def write_loss_csv(path, steps):
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", "loss", "hidden"])
+        writer.writerows([step, 1.0 / (step + 1), 0.5] for step in range(steps))
+
+
+def write_stage_outputs(folder):
+    write_loss_csv(folder / "distill_loss.csv", 2500)
+    (folder / "evaluate.json").write_text(json.dumps({
+        "fid": {"teacher_ddpm": 1.5, "teacher_ddim": 2.5, "student": 3.5},
+        "nfe": {"teacher_ddpm": 1000, "teacher_ddim": 4, "student": 4},
+        "images_per_second": {"teacher_ddpm": 1.0, "teacher_ddim": 90.0, "student": 95.0},
+        "consistency_ratio": 0.25, "feature_network": "classifier-8px", "num_samples": 100}))
+    reports = folder / "reports"
+    reports.mkdir()
+    for name in ("samples_student.png", "teacher_vs_student.png", "interpolation.png"):
+        (reports / name).write_bytes(b"\x89PNG fake")
+
+
+def test_stage_runs_log_everything_and_nest_under_one_pipeline_run(tracking_db, tmp_path, monkeypatch):
+    monkeypatch.setenv("SFDDM_PIPELINE_RUN", "exec-42")
+    write_stage_outputs(tmp_path)
+    with tracking.stage_run("distill", Config()) as run:
+        tracking.log_loss_csv(tmp_path / "distill_loss.csv")
+    with tracking.stage_run("evaluate", Config()) as second:
+        tracking.log_metrics_file(tmp_path / "evaluate.json")
+        tracking.log_artifacts(tmp_path / "reports")
+
+    distill = tracking_db.get_run(run.run_id)
+    assert distill.info.status == "FINISHED"
+    assert distill.data.params["student.steps"] == "4"
+    assert distill.data.params["teacher.unet.block_out_channels"] == "[32, 64]"
+    assert len(tracking_db.get_metric_history(run.run_id, "loss")) == 2500
+    assert tracking_db.get_metric_history(run.run_id, "hidden")[-1].step == 2499
+    evaluate = tracking_db.get_run(second.run_id).data
+    assert evaluate.metrics["fid.student"] == 3.5
+    assert evaluate.metrics["images_per_second.teacher_ddim"] == 90.0
+    assert evaluate.tags["feature_network"] == "classifier-8px"
+    artifacts = {a.path for a in tracking_db.list_artifacts(second.run_id, "reports")}
+    assert artifacts == {"reports/samples_student.png", "reports/teacher_vs_student.png",
+                         "reports/interpolation.png"}
+    assert [a.path for a in tracking_db.list_artifacts(run.run_id, "metrics")] == ["metrics/distill_loss.csv"]
+    # Local stores keep artifacts in mlartifacts/ beside the database, not in ./mlruns.
+    assert (tmp_path / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
+
+    runs = tracking_db.search_runs([distill.info.experiment_id], "tags.`sfddm.pipeline_run` = 'exec-42'")
+    parents = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "pipeline"]
+    assert len(runs) == 3 and len(parents) == 1
+    assert {r.data.tags.get("mlflow.parentRunId") for r in runs if r not in parents} == {parents[0].info.run_id}
+
+
+def test_a_failing_stage_ends_its_run_failed(tracking_db):
+    with pytest.raises(RuntimeError):
+        with tracking.stage_run("train-teacher") as run:
+            raise RuntimeError("diverged")
+    assert tracking_db.get_run(run.run_id).info.status == "FAILED"
+
+
+def test_a_run_started_by_kfp_is_continued_not_duplicated(tracking_db, tmp_path, monkeypatch):
+    experiment = tracking_db.create_experiment("kfp", artifact_location=(tmp_path / "kfp").as_uri())
+    created = tracking_db.create_run(experiment).info.run_id
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment)
+    monkeypatch.setenv("MLFLOW_RUN_ID", created)
+    write_loss_csv(tmp_path / "loss.csv", 3)
+    with tracking.stage_run("distill", Config()) as run:
+        tracking.log_loss_csv(tmp_path / "loss.csv")
+    assert run.run_id == created
+    assert [r.info.run_id for r in tracking_db.search_runs([experiment])] == [created]
+    continued = tracking_db.get_run(created)
+    assert continued.data.tags[tracking.STAGE_TAG] == "distill"
+    assert continued.info.status == "RUNNING"       # its owner, the KFP backend, ends it
+    assert len(tracking_db.get_metric_history(created, "loss")) == 3
+
+
+def test_unreachable_server_is_a_one_line_error_within_seconds(tracking_db, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    began = time.monotonic()
+    with pytest.raises(SfddmError, match="unreachable") as error:
+        with tracking.stage_run("distill"):
+            pass
+    assert time.monotonic() - began < 10
+    assert "\n" not in str(error.value)
+
+
+def test_tracking_off_logs_nothing(tracking_db, tmp_path, monkeypatch):
+    monkeypatch.setenv("SFDDM_TRACKING", "off")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")     # never contacted
+    write_stage_outputs(tmp_path)
+    with tracking.stage_run("evaluate", Config()) as run:
+        tracking.log_metrics_file(tmp_path / "evaluate.json")
+        tracking.log_artifacts(tmp_path / "reports")
+    assert run is None
