@@ -33,7 +33,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class UNetConfig:
-    block_out_channels: tuple[int, ...] = (32, 64)
+    block_out_channels: tuple[int, ...] = (16, 32)
     layers_per_block: int = 1
     attention: tuple[bool, ...] = (False, True)     # self-attention in each resolution level
     norm_num_groups: int = 8
@@ -49,7 +49,7 @@ class TeacherConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     lr: float = 1e-3
     batch_size: int = 128
-    iterations: int = 4000
+    iterations: int = 2500
     ema_decay: float = 0.999
 
 
@@ -67,9 +67,9 @@ class DistillConfig:
     hidden_weight: float = 1.0          # lambda_h: |h_S - h_T|, h = input of conv_out
     trajectory_weight: float = 1.0      # |eps_S - eps*|^2, eps* from K teacher DDIM sub-steps
     substeps: int = 8                   # K
-    lr: float = 1e-4
+    lr: float = 2e-4
     batch_size: int = 128
-    iterations: int = 1000
+    iterations: int = 600
     ema_decay: float = 0.999
 
 
