@@ -22,7 +22,7 @@ from typing import Optional, Union
 from kfp import compiler, dsl, kubernetes
 
 import components
-from sfddm_core import config, registry
+from sfddm_core import config
 
 from . import gpu_profile
 
@@ -30,10 +30,6 @@ PIPELINE_NAME = "sfddm"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 COMPILED_PIPELINE = Path(__file__).with_name("sfddm_pipeline.yaml")
-# A loose bar (classifier-feature FID on digits); the registry also requires a lower FID than the
-# champion's, measured the same way, which is the gate that matters once there is a champion.
-DEFAULT_MAX_FID = 50.0
-
 # The ConfigMap and Secret that k8s/pipeline-runner and k8s/README.md ("Secrets") create in the
 # namespace where runs execute: {key: environment variable}.
 SETTINGS_CONFIG_MAP = "sfddm-pipeline-settings"
@@ -75,6 +71,7 @@ def build_pipeline(params_path: Union[str, Path] = DEFAULT_PARAMS,
                    gpu: Optional[gpu_profile.GpuProfile] = None):
     """The pipeline function, with `params` defaulting to the content of params_path."""
     default_params = resolved_params(params_path)
+    registry_defaults = config.load(params_path).registry      # the same gate as `dvc repro`'s
     gpu = gpu or gpu_profile.load()
 
     def on_cpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -106,8 +103,8 @@ def build_pipeline(params_path: Union[str, Path] = DEFAULT_PARAMS,
         teacher_iterations: int = 0,
         distill_iterations: int = 0,
         fid_num_samples: int = 0,
-        registered_model_name: str = registry.DEFAULT_MODEL_NAME,
-        max_fid: float = DEFAULT_MAX_FID,
+        registered_model_name: str = registry_defaults.model_name,
+        max_fid: float = registry_defaults.max_fid,
     ) -> int:
         cfg = on_cpu(components.resolve_config(
             params=params, data_source=data_source, teacher_timesteps=teacher_timesteps,
