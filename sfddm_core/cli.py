@@ -113,6 +113,11 @@ def run(args: argparse.Namespace) -> int:
                     registry.promote(r.model_name, r.max_fid, args.version, args.force, args.reason))
         print(yaml.safe_dump(decision.to_dict(), sort_keys=False), end="")
         return 0 if decision.promoted or args.gate_output else 1      # a refusal: 1; bad input: 2
+    if args.command == "sample":                                     # not a stage: nothing to track
+        from . import evaluate
+        evaluate.sample_to_files(cfg, args.model, args.out, args.num_images, args.steps, args.sampler,
+                                 args.seed)
+        return 0
     with tracking.stage_run(args.command.replace("-", "_"), cfg):
         if args.command == "prepare":
             from . import data
@@ -143,10 +148,6 @@ def run(args: argparse.Namespace) -> int:
             registration = registry.register(args.student, args.metrics, args.data, cfg.registry.model_name)
             io.write_json(args.output, registration.to_dict())
             print(yaml.safe_dump(registration.to_dict(), sort_keys=False), end="")
-        elif args.command == "sample":
-            from . import evaluate
-            evaluate.sample_to_files(cfg, args.model, args.out, args.num_images, args.steps, args.sampler,
-                                     args.seed)
     return 0
 
 

@@ -39,6 +39,7 @@ def ddim_sample(unet, x: torch.Tensor, timesteps: Sequence[int], alphas_cumprod:
 
     x0 = clip((x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t));  x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps,
     s the next lower visited timestep and abar = 1 after the lowest, so the last step returns x0.
+    (generators: unused, DDIM adds no noise; taken so that both samplers share one signature.)
     """
     timesteps = list(timesteps)[::-1]
     for t, s in zip(timesteps, timesteps[1:] + [-1]):

@@ -17,6 +17,11 @@ def make_unet(seed: int = 0, channels: int = 1, size: int = 8):
 def no_tracking_by_default(monkeypatch):
     """Stage tests run without MLflow (a new SQLite store costs ~10 s); tracking tests turn it on."""
     monkeypatch.setenv("SFDDM_TRACKING", "off")
+    # mlflow.set_experiment() exports MLFLOW_EXPERIMENT_ID into os.environ (for child processes); set
+    # and delete through monkeypatch so that whatever a test leaves there is removed after it.
+    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture

@@ -160,6 +160,7 @@ def test_whole_pipeline_runs_locally_and_registers_a_champion(tmp_path, monkeypa
     tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     monkeypatch.delenv("SFDDM_PIPELINE_RUN", raising=False)
+    monkeypatch.delenv("SFDDM_TRACKING", raising=False)        # conftest turns it off for other tests
     started = time.monotonic()
     # teacher_timesteps, a pipeline parameter, takes T from 100 to 20: it checks that pipeline
     # parameters reach the stages, and cuts the teacher's sampling over all T steps to a fifth.

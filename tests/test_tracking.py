@@ -60,7 +60,7 @@ def test_stage_runs_log_everything_and_nest_under_one_pipeline_run(tracking_db, 
     distill = tracking_db.get_run(run.run_id)
     assert distill.info.status == "FINISHED"
     assert distill.data.params["student.steps"] == "4"
-    assert distill.data.params["teacher.unet.block_out_channels"] == "[32, 64]"
+    assert distill.data.params["teacher.unet.block_out_channels"] == str(list(Config().teacher.unet.block_out_channels))
     assert len(tracking_db.get_metric_history(run.run_id, "loss")) == 2500
     assert tracking_db.get_metric_history(run.run_id, "hidden")[-1].step == 2499
     evaluate = tracking_db.get_run(second.run_id).data
