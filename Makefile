@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 
 IMAGE = $(shell cd components && $(PYTHON) -c 'from image import IMAGE; print(IMAGE)')
 
-.PHONY: install run test pipeline image clean
+.PHONY: install run test bench pipeline image clean
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/dvc repro train_classifier sample_teacher distill
+	$(BIN)/sfddm bench quality --readme README.md
+	$(BIN)/sfddm bench speed --readme README.md
 
 pipeline: install
 	$(BIN)/sfddm pipeline compile

@@ -15,11 +15,22 @@ from . import config as config_lib
 from .errors import SfddmError
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """A usage mistake, like a bad setting, is one line on stderr and exit status 2 (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _override(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--set {text!r}: expected KEY=VALUE, e.g. student.steps=10")
-    return key, yaml.safe_load(value)
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. student.steps=10")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML "
+                                         f"({config_lib.yaml_problem(err)})") from None
 
 
 def _positive_int(text: str) -> int:
@@ -29,11 +40,11 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    settings = argparse.ArgumentParser(add_help=False)
+    settings = _OneLineErrorParser(add_help=False)
     settings.add_argument("--params", type=Path, default=Path("params.yaml"), help="settings file")
     settings.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
                           metavar="KEY=VALUE", help="override a setting, e.g. --set student.steps=10")
-    parser = argparse.ArgumentParser(prog="sfddm", description=__doc__.splitlines()[0])
+    parser = _OneLineErrorParser(prog="sfddm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name, help_text, **paths):
@@ -47,11 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     command("train-classifier", "train the FID feature classifier on the train split",
             data="data/prepared", out="data/classifier.pt")
     command("train-teacher", "train (or import) the teacher DDPM", data="data/prepared",
-            out="models/teacher", loss_csv="metrics/teacher_loss.csv")
+            out="models/teacher", loss_csv="metrics/teacher_loss.csv", checkpoint_dir="checkpoints/teacher")
     command("sample-teacher", "sample the teacher over all T steps (cached for evaluate)",
             teacher="models/teacher", out="samples/teacher")
     command("distill", "SFDDM: distil the teacher into a T'-step student", teacher="models/teacher",
-            data="data/prepared", out="models/student", loss_csv="metrics/distill_loss.csv")
+            data="data/prepared", out="models/student", loss_csv="metrics/distill_loss.csv",
+            checkpoint_dir="checkpoints/distill")
     command("evaluate", "FID, speed and consistency of the student against the baselines",
             teacher="models/teacher", student="models/student", teacher_samples="samples/teacher",
             data="data/prepared", classifier="data/classifier.pt", metrics="metrics/evaluate.json",
@@ -73,12 +85,36 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     sample.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
 
+    bench = commands.add_parser("bench", help="benchmarks against the baselines, into reports/benchmark.md")
+    benches = bench.add_subparsers(dest="action", required=True)
+    for name, help_text, paths in (
+            ("quality", "the sweep of students and baselines on one teacher: FID, consistency, training compute",
+             dict(teacher="models/teacher", data="data/prepared", classifier="data/classifier.pt",
+                  teacher_samples="samples/teacher")),
+            ("speed", "sampling and training throughput, our DDIM loop against diffusers'",
+             dict(teacher="models/teacher", student="models/student", data="data/prepared"))):
+        sub = benches.add_parser(name, help=help_text, parents=[settings])
+        for flag, default in {**paths, "out": "reports"}.items():
+            sub.add_argument(f"--{flag.replace('_', '-')}", type=Path, default=Path(default))
+        sub.add_argument("--readme", type=Path, default=None, help="also regenerate this README's results section")
+        if name == "quality":
+            sub.add_argument("--profile", choices=("fast", "full"), default="fast",
+                             help="fast: minutes per variant on a CPU; full: params.yaml as is (a GPU)")
+            sub.add_argument("--variants", type=lambda text: text.split(","), default=None,
+                             help="comma-separated subset of the sweep (default: all)")
+        else:
+            sub.add_argument("--batch-size", type=_positive_int, default=None, help="default: 512 on a GPU, 64 on a CPU")
+            sub.add_argument("--loop-steps", type=_positive_int, default=50, help="steps of the loop comparison")
+            sub.add_argument("--repeats", type=_positive_int, default=5, help="timed runs per measurement (median)")
+            sub.add_argument("--teacher-steps", type=_positive_int, default=None,
+                             help="time the teacher over this many of its T steps, scaled to T (default: all)")
+
     pipeline = commands.add_parser("pipeline", help="the Kubeflow pipeline: compile it, run it here, submit it")
     actions = pipeline.add_subparsers(dest="action", required=True)
     compile_ = actions.add_parser("compile", parents=[settings],
                                   help="write the pipeline package; --params gives the default of `params`")
     compile_.add_argument("--out", type=Path, default=Path("pipelines/sfddm_pipeline.yaml"))
-    arguments = argparse.ArgumentParser(add_help=False)
+    arguments = _OneLineErrorParser(add_help=False)
     arguments.add_argument("--arg", dest="arguments", type=_override, action="append", default=[],
                            metavar="NAME=VALUE", help="a pipeline parameter, e.g. --arg student_steps=8")
     run_local = actions.add_parser("run-local", parents=[settings, arguments],
@@ -113,6 +149,19 @@ def run(args: argparse.Namespace) -> int:
                     registry.promote(r.model_name, r.max_fid, args.version, args.force, args.reason))
         print(yaml.safe_dump(decision.to_dict(), sort_keys=False), end="")
         return 0 if decision.promoted or args.gate_output else 1      # a refusal: 1; bad input: 2
+    if args.command == "bench":                                      # not a stage: nothing to track
+        from . import bench, bench_report
+        if args.action == "quality":
+            bench.quality(cfg, args.teacher, args.data, args.classifier, args.teacher_samples, args.out,
+                          args.profile, args.variants)
+        else:
+            bench.speed(cfg, args.teacher, args.student, args.data, args.out, args.batch_size, args.loop_steps,
+                        args.repeats, args.teacher_steps)
+        report = bench_report.write(args.out)
+        if args.readme:
+            bench_report.update_readme(args.readme, report)
+        print(report)
+        return 0
     if args.command == "sample":                                     # not a stage: nothing to track
         from . import evaluate
         evaluate.sample_to_files(cfg, args.model, args.out, args.num_images, args.steps, args.sampler,
@@ -127,14 +176,14 @@ def run(args: argparse.Namespace) -> int:
             fid.train_and_save_classifier(cfg, args.data, args.out)
         elif args.command == "train-teacher":
             from . import teacher
-            teacher.run(cfg, args.data, args.out, args.loss_csv)
+            teacher.run(cfg, args.data, args.out, args.loss_csv, args.checkpoint_dir)
             tracking.log_loss_csv(args.loss_csv)
         elif args.command == "sample-teacher":
             from . import evaluate
             evaluate.sample_teacher(cfg, args.teacher, args.out)
         elif args.command == "distill":
             from . import distill
-            distill.run(cfg, args.teacher, args.data, args.out, args.loss_csv)
+            distill.run(cfg, args.teacher, args.data, args.out, args.loss_csv, args.checkpoint_dir)
             tracking.log_loss_csv(args.loss_csv)
         elif args.command == "evaluate":
             from . import evaluate

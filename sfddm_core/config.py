@@ -51,17 +51,20 @@ class TeacherConfig:
     batch_size: int = 128
     iterations: int = 2500
     ema_decay: float = 0.999
+    checkpoint_every: int = 500         # save the full training state every N updates (0: off)
+    grad_clip: Optional[float] = None   # clip the gradient norm to this (null: off)
 
 
 @dataclass(frozen=True)
 class StudentConfig:
     steps: int = 4
     spacing: Union[str, tuple[int, ...]] = "trailing"   # leading | trailing | explicit teacher steps
-    init: str = "teacher"               # teacher | random
+    init: str = "teacher"               # teacher | random | copy (teacher weights, time embedding as is)
 
 
 @dataclass(frozen=True)
 class DistillConfig:
+    method: str = "sfddm"               # sfddm | progressive (Salimans & Ho 2022, for comparison)
     loss: str = "l2"                    # l1 | l2: distance of the pointwise output and feature terms
     pointwise_weight: float = 0.0       # |eps_S(x', i) - eps_T(x', phi_i)|
     hidden_weight: float = 1.0          # lambda_h: |h_S - h_T|, h = input of conv_out
@@ -69,8 +72,10 @@ class DistillConfig:
     substeps: int = 8                   # K
     lr: float = 2e-4
     batch_size: int = 128
-    iterations: int = 600
+    iterations: int = 600               # progressive: updates per fold
     ema_decay: float = 0.999
+    checkpoint_every: int = 500         # save the full training state every N updates (0: off)
+    grad_clip: Optional[float] = None   # clip the gradient norm to this (null: off)
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,8 @@ CHOICES = {
     "data.channels": (1, 3),
     "teacher.source": ("train", "pretrained"),
     "teacher.beta_schedule": diffusion.BETA_SCHEDULES,
-    "student.init": ("teacher", "random"),
+    "student.init": ("teacher", "random", "copy"),
+    "distill.method": ("sfddm", "progressive"),
     "distill.loss": ("l1", "l2"),
     "evaluate.feature_network": ("classifier", "inception"),
 }
@@ -121,10 +127,12 @@ POSITIVE = {"data.image_size", "data.max_images", "teacher.num_train_timesteps",
             "teacher.batch_size", "teacher.iterations", "teacher.unet.layers_per_block",
             "teacher.unet.norm_num_groups", "student.steps", "distill.substeps", "distill.lr",
             "distill.batch_size", "distill.iterations", "evaluate.num_samples", "evaluate.batch_size", "evaluate.consistency_samples",
-            "evaluate.classifier_iterations", "registry.max_fid"}
+            "evaluate.classifier_iterations", "registry.max_fid",
+            "teacher.grad_clip", "distill.grad_clip"}
 NON_NEGATIVE = {"seed", "evaluate.seed", "distill.pointwise_weight", "distill.hidden_weight",
-                "distill.trajectory_weight"}
+                "distill.trajectory_weight", "teacher.checkpoint_every", "distill.checkpoint_every"}
 UNIT_INTERVAL = {"data.test_fraction", "teacher.ema_decay", "distill.ema_decay"}
+TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:
@@ -156,7 +164,7 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         except ValueError:
             pass
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {TYPE_NAMES.get(hint, hint)}, got {value!r}")
     return value
 
 
@@ -188,7 +196,8 @@ def validate(cfg: Config) -> Config:
         if key in CHOICES and value not in CHOICES[key]:
             raise ConfigError(f"{key}: {value!r} is not one of {list(CHOICES[key])}")
         if key in POSITIVE and not value > 0:
-            raise ConfigError(f"{key}: expected a positive number, got {value!r}")
+            kind = "integer" if isinstance(value, int) else "number"
+            raise ConfigError(f"{key}: expected a positive {kind}, got {value!r}")
         if key in NON_NEGATIVE and value < 0:
             raise ConfigError(f"{key}: expected a number >= 0, got {value!r}")
         if key in UNIT_INTERVAL and not 0 <= value < 1:
@@ -226,6 +235,13 @@ def validate(cfg: Config) -> Config:
     if cfg.evaluate.consistency_samples > cfg.evaluate.num_samples:
         raise ConfigError(f"evaluate.consistency_samples: {cfg.evaluate.consistency_samples} exceeds "
                           f"evaluate.num_samples = {cfg.evaluate.num_samples}")
+    if cfg.distill.method == "progressive" and cfg.student.init != "teacher":
+        raise ConfigError(f"student.init: progressive distillation starts every student from its teacher, "
+                          f"expected teacher, got {cfg.student.init!r}")
+    if cfg.distill.method == "progressive" and len(diffusion.progressive_grids(cfg.student_timesteps)) == 1:
+        raise ConfigError(f"student.spacing: progressive distillation halves every gap of phi = "
+                          f"{cfg.student_timesteps.tolist()} (counted from the data end, -1), but its "
+                          "smallest gap is 1; use trailing spacing")
     if cfg.teacher.source == "pretrained" and not cfg.teacher.uri:
         raise ConfigError("teacher.uri: teacher.source pretrained needs a local folder, s3:// URI or hub id")
     return cfg
@@ -243,15 +259,28 @@ def load(path: Union[str, Path] = "params.yaml", overrides: Optional[dict] = Non
     try:
         values = yaml.safe_load(path.read_text()) if path.exists() else {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(err)})") from None
     values = values or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, "
+                          f"got {type(values).__name__}")
     for dotted, value in (overrides or {}).items():
         node = values
         *parents, last = dotted.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents, 1):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {'.'.join(parents[:depth])} holds a value ({node!r}), "
+                                  "not a section of settings")
         node[last] = value
     return from_dict(values)
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """What a YAML parser error says is wrong, and where, on one line."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + (getattr(err, "problem", None) or str(err).splitlines()[0])
 
 
 def to_dict(cfg: Config) -> dict:

@@ -87,6 +87,25 @@ def student_betas(teacher_alphas_cumprod: np.ndarray, phi: np.ndarray) -> np.nda
     return 1.0 - alphas
 
 
+def progressive_grids(phi: np.ndarray) -> list[np.ndarray]:
+    """The teacher timesteps of each progressive-distillation fold, finest first, ending with phi.
+
+    Each grid bisects every gap of the next coarser one (its gaps counted from the data end, -1):
+    between s and t it inserts floor((s + t) / 2), so the coarser grid is the finer one's odd entries,
+    grid[1::2]. Folds = floor(log2(the smallest gap)): as many halvings as keep all timesteps distinct.
+    For T = 1000 and trailing phi = [249, 499, 749, 999]: 7 folds, from a 512-step grid down to phi.
+    """
+    grids = [np.asarray(phi, dtype=np.int64)]
+    folds = int(np.floor(np.log2(np.diff(np.concatenate([[-1], grids[0]])).min())))
+    for _ in range(folds):
+        coarse = grids[0]
+        previous = np.concatenate([[-1], coarse[:-1]])
+        fine = np.empty(2 * len(coarse), dtype=np.int64)
+        fine[0::2], fine[1::2] = (previous + coarse) // 2, coarse
+        grids.insert(0, fine)
+    return grids
+
+
 # ---- applying a schedule to tensors: `abar` arguments are float64 numbers or arrays, cast here. ----
 
 def _coef(values, like: torch.Tensor) -> torch.Tensor:

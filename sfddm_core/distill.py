@@ -6,8 +6,12 @@ with phi_i. The objective is a weighted sum of three small losses, each named af
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -18,7 +22,8 @@ from . import data, diffusion, models
 from .config import Config, DistillConfig
 from .errors import SfddmError
 from .io import atomic_dir, resolve_device, sha256_tree
-from .training import fit, write_loss_csv
+from . import training
+from .training import Checkpoint, fit, write_loss_csv
 
 DISTANCES = {"l1": F.l1_loss, "l2": F.mse_loss}
 
@@ -59,18 +64,17 @@ def trajectory_loss(eps_student, eps_target) -> torch.Tensor:
 
 
 @torch.no_grad()
-def trajectory_eps_target(teacher_unet, x: torch.Tensor, i: np.ndarray, schedule: StudentSchedule,
-                          substeps: int, first_eps: torch.Tensor) -> torch.Tensor:
-    """eps* for the student step x'_i -> x'_{i-1}, from the teacher's K DDIM sub-steps phi_i -> phi_{i-1}.
+def ddim_path_eps_target(teacher_unet, x: torch.Tensor, paths: np.ndarray, abar: np.ndarray,
+                         first_eps: torch.Tensor) -> torch.Tensor:
+    """eps* for one student step t -> s, from the teacher's DDIM steps along paths[b] = (t, ..., s).
 
-    The teacher's path clips x0-hat at every sub-step but the last: that one's clipping is the student's
-    own sampler's to apply, so for a one-step path eps* is the teacher's eps exactly. Then
+    The teacher clips x0-hat at every sub-step but the last: that one's clipping is the student's own
+    sampler's to apply, so for a one-step path eps* is the teacher's eps exactly. Then
     x0* = (x_target - r x') / (sqrt(abar_s) - r sqrt(abar_t)), r = sqrt((1 - abar_s) / (1 - abar_t)),
-    and eps* = (x' - sqrt(abar_t) x0*) / sqrt(1 - abar_t).
+    and eps* = (x' - sqrt(abar_t) x0*) / sqrt(1 - abar_t). A sub-step from a timestep to itself is a no-op.
+    first_eps is the teacher's eps at (x, t), which the caller has already computed.
     """
-    t, s = schedule.phi[i], schedule.previous_teacher_step(i)
-    paths = np.stack([diffusion.teacher_path(a, b, substeps) for a, b in zip(t, s)])   # (B, K + 1)
-    abar = schedule.abar_teacher
+    substeps = paths.shape[1] - 1
     x_target = x
     for k in range(substeps):
         u, v = paths[:, k], paths[:, k + 1]
@@ -79,8 +83,17 @@ def trajectory_eps_target(teacher_unet, x: torch.Tensor, i: np.ndarray, schedule
         stepped = diffusion.ddim_step(x_target, eps, diffusion.abar_at(abar, u), diffusion.abar_at(abar, v),
                                       clip=k < substeps - 1)
         x_target = torch.where(moving, stepped, x_target)
+    t, s = paths[:, 0], paths[:, -1]
     x0_star = diffusion.x0_landing_on(x, x_target, abar[t], diffusion.abar_at(abar, s))
     return diffusion.predict_eps(x, x0_star, abar[t])
+
+
+def trajectory_eps_target(teacher_unet, x: torch.Tensor, i: np.ndarray, schedule: StudentSchedule,
+                          substeps: int, first_eps: torch.Tensor) -> torch.Tensor:
+    """SFDDM's eps* for the student step x'_i -> x'_{i-1}: the teacher's K DDIM sub-steps phi_i -> phi_{i-1}."""
+    t, s = schedule.phi[i], schedule.previous_teacher_step(i)
+    paths = np.stack([diffusion.teacher_path(a, b, substeps) for a, b in zip(t, s)])   # (B, K + 1)
+    return ddim_path_eps_target(teacher_unet, x, paths, schedule.abar_teacher, first_eps)
 
 
 def distillation_loss(student_unet, teacher_unet, x0: torch.Tensor, eps: torch.Tensor, i: np.ndarray,
@@ -106,26 +119,107 @@ def distillation_loss(student_unet, teacher_unet, x0: torch.Tensor, eps: torch.T
     return {"loss": total, **terms}
 
 
-@torch.no_grad()
-def align_time_embedding(student_unet, teacher_unet, phi: np.ndarray) -> None:
+def progressive_loss(student_unet, teacher_unet, x0: torch.Tensor, eps: torch.Tensor, j: np.ndarray,
+                     fine: np.ndarray, student_inputs: np.ndarray, abar: np.ndarray) -> dict[str, torch.Tensor]:
+    """Progressive distillation (Salimans & Ho 2022) on one batch of one fold: 2N teacher steps -> N.
+
+    The student's step j, from t = fine[2j + 1] to s = fine[2j - 1] (the data end for j = 0), must land
+    where the teacher's two DDIM steps t -> fine[2j] -> s land. Their x-target x~ (the x0 whose one DDIM
+    step does that) enters as eps~ = (x_t - sqrt(abar_t) x~) / sqrt(1 - abar_t): for an eps-parameterized
+    student |eps - eps~|^2 = SNR_t |x0-hat - x~|^2, the SNR weighting their paper gives for eps.
+    The teacher is called with teacher timesteps, the student with student_inputs[j].
+    """
+    t, mid = fine[2 * j + 1], fine[2 * j]
+    s = np.where(j > 0, fine[np.maximum(2 * j - 1, 0)], -1)
+    x = diffusion.q_sample(x0, eps, abar[t])
+    with torch.no_grad():
+        first_eps = teacher_unet(x, torch.as_tensor(t, device=x.device)).sample
+    eps_target = ddim_path_eps_target(teacher_unet, x, np.stack([t, mid, s], axis=1), abar, first_eps)
+    eps_student = student_unet(x, torch.as_tensor(student_inputs[j], device=x.device)).sample
+    loss = F.mse_loss(eps_student, eps_target)
+    return {"loss": loss, "progressive": loss}
+
+
+def align_time_embedding(student_unet, teacher_unet, phi: np.ndarray, refine_steps: int = 4000) -> float:
     """Make a copy of the teacher at student step i compute what the teacher computes at phi_i.
 
-    The UNet sees a timestep only through linear_1(proj(t)), proj the fixed sinusoidal features. A copied
-    student is called with i, not phi_i, so its first layer is re-solved (least squares over the T'
-    steps) for W' proj(i) = W proj(phi_i): exact while T' <= the number of sinusoidal features. The
-    student then starts as the teacher's own DDIM on phi instead of from mismatched noise levels.
+    The UNet sees a timestep only through emb(t) = linear_2(silu(linear_1(proj(t)))), proj the fixed
+    sinusoidal features. A copied student is called with i, not phi_i, so its first layer is re-solved
+    by least squares for W' proj(i) = W proj(phi_i). That is exact while proj(0..T'-1) is well
+    conditioned (T' <= 4 for 16 features: the low frequencies barely change over a few integers);
+    beyond, both layers are fitted to emb_teacher(phi_i) by Adam over the T' points (seconds), e.g. a
+    UNet output error of 5e-5 instead of 1.0 at T' = 10 on the digits teacher. Returns the largest
+    remaining |emb_student(i) - emb_teacher(phi_i)|.
     """
-    proj = teacher_unet.time_proj
-    features_student = proj(torch.arange(len(phi))).double()             # (T', F)
-    features_teacher = proj(torch.as_tensor(phi)).double()
-    weight = teacher_unet.time_embedding.linear_1.weight.double()          # (E, F)
-    target = features_teacher @ weight.T                                   # (T', E)
-    solution = torch.linalg.lstsq(features_student, target, driver="gelsd").solution   # (F, E)
-    student_unet.time_embedding.linear_1.weight.copy_(solution.T.float())
+    proj, embedding = teacher_unet.time_proj, student_unet.time_embedding
+    features_student = proj(torch.arange(len(phi))).float()                # (T', F)
+    with torch.no_grad():
+        target = teacher_unet.time_embedding(proj(torch.as_tensor(phi)).float())     # (T', E)
+        weight = teacher_unet.time_embedding.linear_1.weight.double()      # (H, F)
+        solution = torch.linalg.lstsq(features_student.double(),
+                                      proj(torch.as_tensor(phi)).double() @ weight.T, driver="gelsd").solution
+        embedding.linear_1.weight.copy_(solution.T.float())
+        error = (embedding(features_student) - target).abs().max().item()
+    if error > 1e-4 * target.abs().max().item():
+        with torch.enable_grad():
+            optimizer = torch.optim.Adam(embedding.parameters(), lr=3e-3)
+            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, refine_steps)
+            for _ in range(refine_steps):
+                loss = (embedding(features_student) - target).pow(2).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+        with torch.no_grad():
+            error = (embedding(features_student) - target).abs().max().item()
+    return error
 
 
-def distill(cfg: Config, teacher: models.DiffusionModel, data_dir: Path):
-    """Train the student; returns (student UNet (EMA), its betas, the loss log)."""
+def initial_student(teacher_unet, phi: np.ndarray, init: str, seed: int):
+    """A fresh UNet of the teacher's architecture, called with step indices 0..len(phi)-1: random, the
+    teacher's weights with the time embedding re-solved for phi (teacher), or as they are (copy)."""
+    torch.manual_seed(seed)
+    student_unet = models.UNet2DModel.from_config(teacher_unet.config)
+    if init in ("teacher", "copy"):
+        student_unet.load_state_dict(teacher_unet.state_dict())
+    if init == "teacher":
+        align_time_embedding(student_unet, teacher_unet, phi)
+    return student_unet.requires_grad_(True)
+
+
+class ForwardCount:
+    """Images passed through a network's forward calls while watched: the teacher side of training
+    compute. The hook is removed on leaving `watching`, so copies made afterwards do not carry it."""
+    def __init__(self):
+        self.images = 0
+
+    @contextlib.contextmanager
+    def watching(self, network):
+        handle = network.register_forward_pre_hook(self._count)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _count(self, module, args):
+        self.images += args[0].shape[0]
+
+    def state_dict(self) -> dict:               # saved with a training checkpoint
+        return {"images": self.images}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.images = state["images"]
+
+
+def distill(cfg: Config, teacher: models.DiffusionModel, data_dir: Path, evaluate=None, evaluate_every: int = 0,
+            checkpoint: Optional[Checkpoint] = None):
+    """Train the student by cfg.distill.method; returns (student UNet (EMA), its betas, the loss log).
+
+    Each log entry has the loss terms, "seconds" of training and the cumulative "teacher_forwards"
+    (images through a teacher network); evaluate(student UNet) joins the log every evaluate_every
+    updates (see training.fit), for progressive distillation in its last fold only. checkpoint: where
+    fit keeps its resumable state (progressive: one file per fold).
+    """
     device = resolve_device(cfg.device)
     if cfg.teacher.num_train_timesteps != teacher.num_timesteps:
         raise SfddmError(f"teacher.num_train_timesteps: {cfg.teacher.num_train_timesteps} but the teacher "
@@ -137,38 +231,111 @@ def distill(cfg: Config, teacher: models.DiffusionModel, data_dir: Path):
                          f"{teacher.image_shape}; prepare data with the teacher's channels and size")
     x_train = data.to_model_range(images).to(device)
     teacher_unet = teacher.unet.to(device).eval().requires_grad_(False)
-    torch.manual_seed(cfg.seed)
-    student_unet = models.UNet2DModel.from_config(teacher_unet.config)
-    if cfg.student.init == "teacher":
-        student_unet.load_state_dict(teacher_unet.state_dict())
-        align_time_embedding(student_unet, teacher_unet, schedule.phi)
-    student_unet = student_unet.to(device).requires_grad_(True)
     dc = cfg.distill
 
-    def loss_fn(step, rng):
+    def batch(rng):
         x0 = x_train[torch.as_tensor(rng.integers(0, len(x_train), dc.batch_size), device=device)]
-        i = rng.integers(0, cfg.student.steps, dc.batch_size)
-        return distillation_loss(student_unet, teacher_unet, x0, torch.randn_like(x0), i, schedule, dc)
+        return x0, torch.randn_like(x0)
 
-    ema_unet, log = fit(student_unet, loss_fn, dc.iterations, dc.lr, dc.ema_decay, cfg.seed, desc="distill")
+    if dc.method == "progressive":
+        return progressive_distill(cfg, teacher_unet, schedule, batch, evaluate, evaluate_every, checkpoint)
+    student_unet = initial_student(teacher_unet, schedule.phi, cfg.student.init, cfg.seed).to(device)
+    forwards = ForwardCount()
+
+    def loss_fn(step, rng):
+        x0, eps = batch(rng)
+        i = rng.integers(0, cfg.student.steps, dc.batch_size)
+        terms = distillation_loss(student_unet, teacher_unet, x0, eps, i, schedule, dc)
+        return {**terms, "teacher_forwards": forwards.images}
+
+    with forwards.watching(teacher_unet):
+        ema_unet, log = fit(student_unet, loss_fn, dc.iterations, dc.lr, dc.ema_decay, cfg.seed, desc="distill",
+                            evaluate_every=evaluate_every, evaluate=evaluate, grad_clip=dc.grad_clip,
+                            checkpoint=checkpoint and dataclasses.replace(checkpoint, extra=(forwards,)))
     return ema_unet.cpu(), schedule.betas, log
 
 
-def run(cfg: Config, teacher_dir: Path, data_dir: Path, out_dir: Path, loss_csv: Path) -> Path:
-    """sfddm distill: write the student as a diffusers DDIM pipeline folder plus sfddm.json."""
+def progressive_distill(cfg: Config, teacher_unet, schedule: StudentSchedule, batch, evaluate, evaluate_every,
+                        checkpoint: Optional[Checkpoint]):
+    """log2 folds of progressive distillation down to schedule.phi, distill.iterations updates each.
+
+    Every fold's student starts as a copy of its teacher (the previous fold's EMA student) and, except
+    in the last fold, is called with teacher timesteps like its teacher; the last fold's student is
+    called with its step index, as every student folder is, its time embedding re-solved at the start.
+    A fold's result is not kept, so a run killed in fold k repeats folds before k exactly (their
+    checkpoints are gone) and resumes fold k from its own checkpoint file.
+    """
+    grids = diffusion.progressive_grids(schedule.phi)     # config validation ensured >= 1 fold
+    abar, dc = schedule.abar_teacher, cfg.distill
+    fold_teacher, log, forwards = teacher_unet, [], ForwardCount()
+    for fold, (fine, coarse) in enumerate(zip(grids[:-1], grids[1:])):
+        last = fold == len(grids) - 2
+        if last:
+            device = next(teacher_unet.parameters()).device
+            student_unet = initial_student(fold_teacher, coarse, "teacher", cfg.seed).to(device)
+            student_inputs = np.arange(len(coarse))
+        else:
+            student_unet = copy.deepcopy(fold_teacher).requires_grad_(True)
+            student_inputs = coarse
+
+        def loss_fn(step, rng, fine=fine, student_unet=student_unet, fold_teacher=fold_teacher,
+                    student_inputs=student_inputs):
+            x0, eps = batch(rng)
+            j = rng.integers(0, len(fine) // 2, dc.batch_size)
+            terms = progressive_loss(student_unet, fold_teacher, x0, eps, j, fine, student_inputs, abar)
+            return {**terms, "teacher_forwards": forwards.images}
+
+        fold_checkpoint = checkpoint and dataclasses.replace(
+            checkpoint, extra=(forwards,), fingerprint={**checkpoint.fingerprint, "fold": fold})
+        if checkpoint and not last:     # the last fold's file is the caller's, removed once its outputs exist
+            fold_checkpoint = dataclasses.replace(
+                fold_checkpoint, path=checkpoint.path.with_name(f"state-fold{fold}.pt"), remove_at_end=True)
+        with forwards.watching(fold_teacher):
+            ema_unet, fold_log = fit(student_unet, loss_fn, dc.iterations, dc.lr, dc.ema_decay, cfg.seed + fold,
+                                     desc=f"fold {fold + 1}/{len(grids) - 1}: {len(fine)} -> {len(coarse)} steps",
+                                     evaluate_every=evaluate_every if last else 0,
+                                     evaluate=evaluate if last else None, grad_clip=dc.grad_clip,
+                                     checkpoint=fold_checkpoint)
+        seconds = log[-1]["seconds"] if log else 0.0
+        log += [{**entry, "step": fold * dc.iterations + entry["step"], "fold": fold,
+                 "seconds": round(seconds + entry["seconds"], 3)} for entry in fold_log]
+        fold_teacher = ema_unet.eval().requires_grad_(False)
+    return fold_teacher.cpu(), schedule.betas, log
+
+
+def training_compute(log: list[dict]) -> dict:
+    """What a distillation cost, from its log: student updates, images through a teacher network, seconds."""
+    return {"student_updates": len(log), "teacher_forwards": int(log[-1]["teacher_forwards"]),
+            "seconds": log[-1]["seconds"]}
+
+
+def run(cfg: Config, teacher_dir: Path, data_dir: Path, out_dir: Path, loss_csv: Path,
+        checkpoint_dir: Optional[Path] = None) -> Path:
+    """sfddm distill: write the student as a diffusers DDIM pipeline folder plus sfddm.json.
+
+    With checkpoint_dir, training state is saved there every distill.checkpoint_every updates and a
+    rerun with the same settings, teacher and data resumes from it; it is removed once the outputs exist.
+    """
     teacher = models.load_model(teacher_dir)
-    student_unet, betas, log = distill(cfg, teacher, data_dir)
+    teacher_sha256 = sha256_tree(teacher_dir)
+    settings = training.fingerprint(cfg, ("seed", "student", "distill"), teacher_sha256=teacher_sha256,
+                                    train_images_sha256=data.load_meta(data_dir)["sha256"]["train"]["images"])
+    checkpoint = training.checkpoint_in(checkpoint_dir, cfg.distill.checkpoint_every, settings, remove_at_end=False)
+    student_unet, betas, log = distill(cfg, teacher, data_dir, checkpoint=checkpoint)
     provenance = {
-        "method": "sfddm",
+        "method": cfg.distill.method,
         "phi": cfg.student_timesteps.tolist(),
         "teacher_timesteps": teacher.num_timesteps,
         "student_steps": cfg.student.steps,
         "spacing": cfg.student.spacing if isinstance(cfg.student.spacing, str) else list(cfg.student.spacing),
         "teacher_source": cfg.teacher.uri or str(teacher_dir),
-        "teacher_sha256": sha256_tree(teacher_dir),
+        "teacher_sha256": teacher_sha256,
+        "training_compute": training_compute(log),
     }
     with atomic_dir(out_dir) as tmp:
+        config_lib.save(cfg, tmp / "sfddm_config.yaml")     # first: sfddm.json hashes the files before it
         models.save_student(student_unet, betas, tmp, provenance)
-        config_lib.save(cfg, tmp / "sfddm_config.yaml")
     write_loss_csv(log, loss_csv)
+    if checkpoint is not None:
+        checkpoint.remove()
     return out_dir

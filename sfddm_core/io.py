@@ -74,11 +74,18 @@ def sha256_array(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
+def sha256_files(path: PathLike) -> dict[str, str]:
+    """The sha256 of every file under a folder, by relative path (POSIX separators), in sorted path order."""
+    root = Path(path)
+    return {file.relative_to(root).as_posix(): sha256_file(file)
+            for file in sorted(p for p in root.rglob("*") if p.is_file())}
+
+
 def sha256_tree(path: PathLike) -> str:
     """One hash of every file under a folder (relative names and contents), for model provenance."""
-    root, digest = Path(path), hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(root)).encode() + b"\0" + sha256_file(file).encode())
+    digest = hashlib.sha256()
+    for name, file_digest in sha256_files(path).items():
+        digest.update(name.encode() + b"\0" + file_digest.encode())
     return digest.hexdigest()
 
 

@@ -2,7 +2,8 @@
 
 Teachers are diffusers DDPM pipeline folders (`unet/`, `scheduler/`), read from a local path, an
 `s3://bucket/prefix` URI or a hub id; students are DDIM pipeline folders whose scheduler carries the
-student's own betas and T' training steps, so diffusers alone samples them.
+student's own betas and T' training steps, so diffusers alone samples them. Every folder sfddm writes
+has an sfddm.json listing the sha256 of its other files, and load_model refuses one that no longer matches.
 """
 from __future__ import annotations
 
@@ -17,9 +18,15 @@ import numpy as np
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from . import diffusion
+from . import diffusion, io
 from .config import UNetConfig
 from .errors import SfddmError
+
+MANIFEST = "sfddm.json"     # in a folder sfddm wrote: its provenance and the sha256 of every other file
+# The UNet weight files UNet2DModel.from_pretrained reads (no variant): whole or sharded, safetensors or pickle
+UNET_WEIGHTS = tuple(f"diffusion_pytorch_model.{kind}{index}" for kind in ("safetensors", "bin")
+                     for index in ("", ".index.json"))
+S3_MAX_ATTEMPTS = 5         # tries per S3 request, the first included, unless AWS_MAX_ATTEMPTS is set
 
 
 @dataclass
@@ -61,12 +68,20 @@ def eps_and_hidden(unet: UNet2DModel, x: torch.Tensor, t: torch.Tensor) -> tuple
 
 # ---- saving ----
 
+def write_manifest(folder: Path, provenance: dict) -> None:
+    """sfddm.json: the provenance plus "files", the sha256 of every other file now in the folder, which
+    load_model checks. Files written after it are not covered, so callers write theirs first."""
+    files = {name: digest for name, digest in io.sha256_files(folder).items() if name != MANIFEST}
+    io.write_json(Path(folder) / MANIFEST, {**provenance, "files": files})
+
+
 def save_teacher(model: DiffusionModel, out_dir: Path) -> None:
     """A diffusers DDPM pipeline folder; trained_betas keeps the float64 schedule exactly."""
     betas = 1.0 - model.alphas_cumprod / np.concatenate([[1.0], model.alphas_cumprod[:-1]])
     scheduler = DDPMScheduler(num_train_timesteps=model.num_timesteps, trained_betas=betas.tolist(),
                               prediction_type="epsilon", clip_sample=True)
     DDPMPipeline(unet=model.unet, scheduler=scheduler).save_pretrained(out_dir)
+    write_manifest(out_dir, {})
 
 
 def student_scheduler(betas: np.ndarray) -> DDIMScheduler:
@@ -78,14 +93,14 @@ def student_scheduler(betas: np.ndarray) -> DDIMScheduler:
 
 def save_student(unet: UNet2DModel, betas: np.ndarray, out_dir: Path, provenance: dict) -> None:
     DDIMPipeline(unet=unet, scheduler=student_scheduler(betas)).save_pretrained(out_dir)
-    (Path(out_dir) / "sfddm.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    write_manifest(out_dir, provenance)
 
 
 # ---- loading ----
 
 def student_provenance(folder: Path) -> dict:
-    """sfddm.json of a student folder: phi, T, spacing, teacher source and hash."""
-    path = Path(folder) / "sfddm.json"
+    """sfddm.json of a student folder: phi, T, spacing, teacher source and hash (and "files", the hashes)."""
+    path = Path(folder) / MANIFEST
     if not path.is_file():
         raise SfddmError(f"{path}: missing; expected a student folder written by sfddm distill")
     return json.loads(path.read_text())
@@ -112,14 +127,48 @@ def betas_from_scheduler_config(config) -> np.ndarray:
                      "linear, scaled_linear, squaredcos_cap_v2 or sigmoid")
 
 
+def verify_files(folder: Path) -> None:
+    """Refuse a folder whose files differ from the sha256 its sfddm.json lists (changed, truncated or
+    missing). Folders without sfddm.json (diffusers folders from elsewhere) and sfddm.json files without
+    "files" (students written before sfddm listed hashes) are not checked."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        files = json.loads(path.read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError) as err:
+        raise SfddmError(f"{path}: unreadable ({err}); expected the JSON object sfddm wrote with the "
+                         "folder") from None
+    for name, expected in files.items():
+        file = Path(folder) / name
+        if not file.is_file():
+            raise SfddmError(f"{file}: missing; {MANIFEST} lists it with sha256 {expected}")
+        actual = io.sha256_file(file)
+        if actual != expected:
+            raise SfddmError(f"{file}: expected sha256 {expected}, got {actual} (changed or truncated "
+                             "since sfddm wrote it)")
+
+
 def load_model(folder: Path) -> DiffusionModel:
-    """A diffusers pipeline folder (DDPM or DDIM): its UNet and the schedule of its scheduler."""
+    """A diffusers pipeline folder (DDPM or DDIM): its UNet and the schedule of its scheduler, its files
+    first checked against the hashes in its sfddm.json where it has one."""
     folder = Path(folder)
+    verify_files(folder)
     for part in ("unet/config.json", "scheduler/scheduler_config.json"):
         if not (folder / part).is_file():
             raise SfddmError(f"{folder}: missing {part}; expected a diffusers pipeline folder "
                              "(unet/, scheduler/)")
-    scheduler_config = json.loads((folder / "scheduler/scheduler_config.json").read_text())
+    # Checked here because diffusers, missing them, logs its fallbacks before it fails.
+    if not any((folder / "unet" / name).is_file() for name in UNET_WEIGHTS):
+        raise SfddmError(f"{folder}: missing unet/{UNET_WEIGHTS[0]}; expected the UNet's weights there "
+                         f"(or one of {', '.join(UNET_WEIGHTS[1:])})")
+    scheduler_path = folder / "scheduler/scheduler_config.json"
+    try:
+        scheduler_config = json.loads(scheduler_path.read_text())
+        betas = betas_from_scheduler_config(scheduler_config)
+    except (ValueError, KeyError, TypeError) as err:     # not JSON, not a mapping, or keys missing
+        raise SfddmError(f"{scheduler_path}: expected a diffusers scheduler config in JSON with "
+                         f"num_train_timesteps and its betas ({type(err).__name__}: {err})") from None
     if scheduler_config.get("prediction_type", "epsilon") != "epsilon":
         raise SfddmError(f"{folder}: prediction_type {scheduler_config['prediction_type']!r}; "
                          "sfddm distills eps-prediction models (prediction_type: epsilon)")
@@ -130,24 +179,30 @@ def load_model(folder: Path) -> DiffusionModel:
     if unet.config.out_channels != unet.config.in_channels:
         raise SfddmError(f"{folder / 'unet'}: out_channels {unet.config.out_channels} != in_channels "
                          f"{unet.config.in_channels}; expected an eps-prediction UNet")
-    return DiffusionModel(unet.eval(), diffusion.alphas_cumprod(betas_from_scheduler_config(scheduler_config)))
+    return DiffusionModel(unet.eval(), diffusion.alphas_cumprod(betas))
 
 
 def fetch_s3_prefix(uri: str, dest: Path, endpoint_url: Optional[str] = None) -> Path:
     """Download every object under s3://bucket/prefix into dest (atomically), through boto3.
 
     The endpoint comes from the argument or AWS_ENDPOINT_URL (boto3 reads it), so S3-compatible stores
-    (SeaweedFS, moto) work; transient errors are retried by botocore's standard retry mode.
+    (SeaweedFS, moto) work. botocore's standard retry mode retries 5xx replies, throttling and dropped
+    connections with exponential backoff, S3_MAX_ATTEMPTS tries per request unless AWS_MAX_ATTEMPTS is
+    set; s3transfer retries a download cut off halfway. When retries run out dest is left as it was.
     """
     import boto3
+    import boto3.exceptions
     import botocore.config
     import botocore.exceptions
 
     from .io import atomic_dir
     bucket, _, prefix = uri[len("s3://"):].partition("/")
     prefix = prefix.rstrip("/") + "/" if prefix else ""
-    client = boto3.client("s3", endpoint_url=endpoint_url,
-                          config=botocore.config.Config(retries={"max_attempts": 5, "mode": "standard"}))
+    retries = {"mode": "standard"}
+    if "AWS_MAX_ATTEMPTS" not in os.environ:     # otherwise botocore takes it from there
+        retries["total_max_attempts"] = S3_MAX_ATTEMPTS
+    client = boto3.client("s3", endpoint_url=endpoint_url, config=botocore.config.Config(retries=retries))
+    reading = uri       # what the error names: the listing, then each object in turn
     try:
         keys = [obj["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
                 for obj in page.get("Contents", [])]
@@ -155,14 +210,18 @@ def fetch_s3_prefix(uri: str, dest: Path, endpoint_url: Optional[str] = None) ->
             raise SfddmError(f"teacher.uri: no objects under {uri}; expected a diffusers pipeline folder there")
         with atomic_dir(dest) as tmp:
             for key in keys:
+                reading = f"s3://{bucket}/{key}"
                 target = tmp / key[len(prefix):]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 client.download_file(bucket, key, str(target))
     except botocore.exceptions.NoCredentialsError:
         raise SfddmError(f"teacher.uri: no AWS credentials to read {uri}; set AWS_ACCESS_KEY_ID and "
                          "AWS_SECRET_ACCESS_KEY (or a profile)") from None
-    except (botocore.exceptions.ClientError, botocore.exceptions.EndpointConnectionError) as err:
-        raise SfddmError(f"teacher.uri: cannot read {uri} ({err})") from None
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError, boto3.exceptions.Boto3Error) as err:
+        # s3transfer's "Max Retries Exceeded" wraps the error that explains it
+        cause = getattr(err, "last_exception", None) or err
+        reason = (str(cause).splitlines() or [""])[0]
+        raise SfddmError(f"teacher.uri: cannot read {reading} ({type(cause).__name__}: {reason})") from None
     return dest
 
 

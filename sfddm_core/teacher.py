@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -12,7 +13,7 @@ from . import data, diffusion, models
 from .config import Config
 from .errors import SfddmError
 from .io import atomic_dir, resolve_device
-from .training import fit, write_loss_csv
+from .training import Checkpoint, checkpoint_in, fingerprint, fit, write_loss_csv
 
 
 def denoising_loss(unet, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, abar: np.ndarray) -> torch.Tensor:
@@ -21,7 +22,8 @@ def denoising_loss(unet, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, a
     return F.mse_loss(unet(x_t, t).sample, eps)
 
 
-def train_teacher(cfg: Config, data_dir: Path) -> tuple[models.DiffusionModel, list[dict]]:
+def train_teacher(cfg: Config, data_dir: Path,
+                  checkpoint: Optional[Checkpoint] = None) -> tuple[models.DiffusionModel, list[dict]]:
     device = resolve_device(cfg.device)
     images, _ = data.load_split(data_dir, "train")
     if images.shape[1:] != (cfg.data.channels, cfg.data.image_size, cfg.data.image_size):
@@ -38,12 +40,26 @@ def train_teacher(cfg: Config, data_dir: Path) -> tuple[models.DiffusionModel, l
         t = torch.as_tensor(rng.integers(0, tc.num_train_timesteps, tc.batch_size), device=device)
         return {"loss": denoising_loss(unet, x0, torch.randn_like(x0), t, abar)}
 
-    ema_unet, log = fit(unet, loss_fn, tc.iterations, tc.lr, tc.ema_decay, cfg.seed, desc="teacher")
+    ema_unet, log = fit(unet, loss_fn, tc.iterations, tc.lr, tc.ema_decay, cfg.seed, desc="teacher",
+                        grad_clip=tc.grad_clip, checkpoint=checkpoint)
     return models.DiffusionModel(ema_unet.cpu(), abar), log
 
 
-def run(cfg: Config, data_dir: Path, out_dir: Path, loss_csv: Path) -> Path:
-    """sfddm train-teacher: write the teacher pipeline folder (trained or imported) and its loss log."""
+def training_checkpoint(cfg: Config, data_dir: Path, checkpoint_dir: Optional[Path]) -> Optional[Checkpoint]:
+    """Teacher training's checkpoint in checkpoint_dir (None: off), resumable only with the same seed,
+    teacher settings and training images."""
+    train_sha256 = data.load_meta(data_dir).get("sha256", {}).get("train", {}).get("images")
+    return checkpoint_in(checkpoint_dir, cfg.teacher.checkpoint_every,
+                         fingerprint(cfg, ("seed", "teacher"), train_images_sha256=train_sha256),
+                         remove_at_end=False)
+
+
+def run(cfg: Config, data_dir: Path, out_dir: Path, loss_csv: Path, checkpoint_dir: Optional[Path] = None) -> Path:
+    """sfddm train-teacher: write the teacher pipeline folder (trained or imported) and its loss log.
+
+    With checkpoint_dir, training saves its state there every teacher.checkpoint_every updates and a
+    rerun resumes from it; the state is deleted once the outputs are in place."""
+    checkpoint = None
     if cfg.teacher.source == "pretrained":
         source = models.resolve_teacher_uri(cfg.teacher.uri, cfg.teacher.s3_endpoint_url)
         teacher, log = models.load_model(source), []
@@ -52,9 +68,12 @@ def run(cfg: Config, data_dir: Path, out_dir: Path, loss_csv: Path) -> Path:
                              f"{(cfg.data.channels, cfg.data.image_size, cfg.data.image_size)}; set "
                              "data.channels and data.image_size to match")
     else:
-        teacher, log = train_teacher(cfg, data_dir)
+        checkpoint = training_checkpoint(cfg, data_dir, checkpoint_dir)
+        teacher, log = train_teacher(cfg, data_dir, checkpoint)
     with atomic_dir(out_dir) as tmp:
+        config_lib.save(cfg, tmp / "sfddm_config.yaml")     # first: sfddm.json hashes the files before it
         models.save_teacher(teacher, tmp)
-        config_lib.save(cfg, tmp / "sfddm_config.yaml")
-    write_loss_csv(log, loss_csv, fields=["step", "loss"])
+    write_loss_csv(log, loss_csv, fields=["step", "loss", "seconds"])
+    if checkpoint is not None:
+        checkpoint.remove()
     return out_dir

@@ -1,50 +1,223 @@
-"""The training loop shared by teacher training and distillation: Adam, EMA, progress bar, loss log."""
+"""The training loop shared by teacher training and distillation: Adam, EMA, progress bar, loss log,
+checkpoints that survive preemption (resumed bit for bit), and a stop on a non-finite loss."""
 from __future__ import annotations
 
 import copy
 import csv
 import math
+import os
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from . import config as config_lib
 from .errors import SfddmError
 from .io import atomic_file
 
+CHECKPOINT_FORMAT = "sfddm-training-state-1"
+CHECKPOINT_FILE = "state.pt"
+NOT_FINGERPRINTED = ("checkpoint_every",)   # how often state is saved does not change the result
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where fit keeps its full training state, how often (every `every` updates), and the fingerprint
+    (a flat dict of the settings and input hashes that determine training) a resume must match.
+
+    remove_at_end: fit deletes the file after the last update; a caller that writes its output after
+    fit returns passes False and calls remove() once the output is in place (a kill in between then
+    costs only the updates since the last save, not the whole run).
+    extra: the caller's own objects whose state loss_fn depends on (e.g. a counter it logs), each with
+    state_dict() and load_state_dict(dict) as torch modules have; saved and restored with the rest."""
+    path: Path
+    every: int
+    fingerprint: dict
+    remove_at_end: bool = True
+    extra: tuple = ()
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        for stale in self.path.parent.glob(f".{self.path.name}.*"):     # temp files of killed saves
+            stale.unlink(missing_ok=True)
+        try:
+            self.path.parent.rmdir()            # only if now empty
+        except OSError:
+            pass
+
+
+def checkpoint_in(directory: Optional[Path], every: int, fingerprint: dict, remove_at_end: bool = True,
+                  extra: tuple = ()) -> Optional[Checkpoint]:
+    """The Checkpoint of a stage (directory/state.pt), or None when checkpointing is off
+    (no directory, or every == 0)."""
+    if directory is None or not every:
+        return None
+    return Checkpoint(Path(directory) / CHECKPOINT_FILE, every, fingerprint, remove_at_end, tuple(extra))
+
+
+def fingerprint(cfg: config_lib.Config, sections: Iterable[str], **inputs) -> dict:
+    """The settings of `sections` (top-level params sections such as "teacher", or top-level keys such
+    as "seed"), flat by dotted key, checkpoint_every left out, plus named input hashes (e.g.
+    teacher_sha256=...): what must match for a checkpoint to be resumed."""
+    sections = tuple(sections)
+    flat = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif prefix + key in sections or prefix.split(".")[0] in sections:
+                if key not in NOT_FINGERPRINTED:
+                    flat[prefix + key] = value
+    walk(config_lib.to_dict(cfg), "")
+    return {**flat, **inputs}
+
 
 def fit(model: torch.nn.Module, loss_fn: Callable[[int, np.random.Generator], dict], iterations: int,
-        lr: float, ema_decay: float, seed: int, desc: str) -> tuple[torch.nn.Module, list[dict]]:
+        lr: float, ema_decay: float, seed: int, desc: str, evaluate_every: int = 0,
+        evaluate: Optional[Callable[[torch.nn.Module], dict]] = None, grad_clip: Optional[float] = None,
+        checkpoint: Optional[Checkpoint] = None) -> tuple[torch.nn.Module, list[dict]]:
     """Train `model` in place for `iterations` Adam steps and return (its EMA copy, the loss log).
 
     loss_fn(step, rng) returns a dict of scalar tensors whose "loss" entry is minimised; every entry is
-    logged. rng (numpy, seeded) draws batches and timesteps, so runs repeat exactly on one device.
+    logged, with "seconds" of training so far. rng (numpy, seeded) draws batches and timesteps, so runs
+    repeat exactly on one device. evaluate(ema_model), if given, runs every `evaluate_every` updates and
+    after the last; its dict joins that step's log entry (its time is not counted in "seconds").
+    grad_clip: clip the gradient norm to this (None: off).
+
+    checkpoint: every checkpoint.every updates the full state (weights, EMA, optimizer, step, loss log,
+    numpy and torch RNG states, seconds, fingerprint) is written atomically to checkpoint.path; when
+    that file exists at the start, training resumes from it (and repeats the uninterrupted run exactly)
+    if its fingerprint equals checkpoint.fingerprint, and is refused otherwise. A non-finite loss stops
+    training with an SfddmError and leaves the last good checkpoint in place.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     ema = EMAModel(model.parameters(), decay=ema_decay)
-    log = []
+    log, seconds, start = [], 0.0, 0
+    saved = None                        # step the checkpoint file resumes at
+    if checkpoint is not None and checkpoint.path.exists():
+        start, log, seconds = _load_state(checkpoint, model, optimizer, ema, rng)
+        saved = start
+        tqdm.write(f"{desc}: resuming from {checkpoint.path} at step {start} of {iterations}", file=sys.stderr)
+
+    def stop(what, step):
+        kept = (f"the last good checkpoint {checkpoint.path} (resumes at step {saved}) is kept"
+                if saved is not None else "no checkpoint had been saved yet")
+        raise SfddmError(f"{desc}: {what} at step {step}; {kept}; lower the learning rate or set "
+                         "grad_clip (and delete the checkpoint to start over with other settings)")
+
     model.train()
-    with tqdm(range(iterations), desc=desc, unit="step") as progress:
+    with tqdm(range(start, iterations), desc=desc, unit="step", initial=start, total=iterations) as progress:
         for step in progress:
+            began = time.perf_counter()
             terms = loss_fn(step, rng)
             loss = terms["loss"]
             if not math.isfinite(loss.item()):
-                raise SfddmError(f"{desc}: the loss became {loss.item()} at step {step}; "
-                                 "lower the learning rate")
+                stop(f"the loss became {loss.item()}", step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
             ema.step(model.parameters())
-            log.append({"step": step, **{k: round(v.item(), 6) for k, v in terms.items()}})
+            seconds += time.perf_counter() - began
+            log.append({"step": step, **{k: round(float(v.detach() if torch.is_tensor(v) else v), 6)
+                                         for k, v in terms.items()}, "seconds": round(seconds, 3)})
             progress.set_postfix(loss=f"{loss.item():.4f}")
+            if evaluate and ((step + 1) % evaluate_every == 0 or step + 1 == iterations):
+                log[-1].update(evaluate(ema_copy(model, ema)))
+                model.train()
+            if checkpoint is not None and (step + 1) % checkpoint.every == 0 and step + 1 < iterations:
+                if not all(torch.isfinite(p).all() for p in model.parameters()):
+                    stop("the weights became non-finite", step)
+                _save_state(checkpoint, step + 1, model, optimizer, ema, rng, log, seconds)
+                saved = step + 1
+    if checkpoint is not None and checkpoint.remove_at_end:
+        checkpoint.remove()
+    return ema_copy(model, ema), log
+
+
+def _save_state(checkpoint: Checkpoint, step: int, model, optimizer, ema: EMAModel, rng, log, seconds):
+    """Write the whole training state to a temporary file next to checkpoint.path, fsync, rename."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "fingerprint": checkpoint.fingerprint,
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "ema": ema.state_dict(),
+        "numpy_rng": rng.bit_generator.state,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": (torch.cuda.get_rng_state_all()
+                     if torch.cuda.is_available() and torch.cuda.is_initialized() else []),
+        "log": log,
+        "seconds": seconds,
+        "extra": [obj.state_dict() for obj in checkpoint.extra],
+    }
+    with atomic_file(checkpoint.path, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    try:                                # make the rename itself durable
+        folder = os.open(checkpoint.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError:
+        pass
+
+
+def _load_state(checkpoint: Checkpoint, model, optimizer, ema: EMAModel, rng) -> tuple[int, list, float]:
+    """Restore a saved state into model, optimizer, ema and rng; returns (step, log, seconds)."""
+    path = checkpoint.path
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:            # noqa: BLE001 - any unreadable file gets the same advice
+        raise SfddmError(f"{path}: unreadable training checkpoint ({str(err).splitlines()[0][:120]}); "
+                         "delete it to start training over") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise SfddmError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint; delete it to start training over")
+    saved, wanted = state["fingerprint"], checkpoint.fingerprint
+    differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k, "(unset)") != wanted.get(k, "(unset)"))
+    if differ:
+        shown = "; ".join(f"{k}: {_short(saved.get(k, '(unset)'))} there, {_short(wanted.get(k, '(unset)'))} now"
+                          for k in differ[:4])
+        more = f"; and {len(differ) - 4} more" if len(differ) > 4 else ""
+        raise SfddmError(f"{path}: this checkpoint (resumes at step {state['step']}) was saved with other settings "
+                         f"({shown}{more}); delete it to start over, or restore those settings to resume")
+    device = next(model.parameters()).device
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    ema.load_state_dict(state["ema"])
+    ema.to(device)
+    rng.bit_generator.state = state["numpy_rng"]
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    for obj, obj_state in zip(checkpoint.extra, state["extra"]):
+        obj.load_state_dict(obj_state)
+    return state["step"], state["log"], state["seconds"]
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def ema_copy(model: torch.nn.Module, ema: EMAModel) -> torch.nn.Module:
+    """A copy of `model` in eval mode holding the EMA weights."""
     averaged = copy.deepcopy(model).eval()
     ema.copy_to(averaged.parameters())
-    return averaged, log
+    return averaged
 
 
 def write_loss_csv(log: list[dict], path: Path, fields: Optional[list[str]] = None) -> None:

@@ -100,3 +100,58 @@ def test_teacher_init_starts_as_the_teacher_on_phi(linear_abar):
         ours = student(x, torch.arange(4)).sample
         theirs = teacher(x, torch.as_tensor(phi)).sample
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_progressive_grids_bisect_every_gap():
+    """T = 8, phi = [3, 7]: gaps from the data end are 4 and 4, so two folds: 8 -> 4 -> 2 steps."""
+    grids = diffusion.progressive_grids(np.array([3, 7]))
+    assert [g.tolist() for g in grids] == [[0, 1, 2, 3, 4, 5, 6, 7], [1, 3, 5, 7], [3, 7]]
+    grids = diffusion.progressive_grids(diffusion.student_timesteps(1000, 4, "trailing"))
+    assert [len(g) for g in grids] == [512, 256, 128, 64, 32, 16, 8, 4]       # floor(log2(250)) = 7 folds
+    for fine, coarse in zip(grids, grids[1:]):
+        np.testing.assert_array_equal(fine[1::2], coarse)
+        assert np.all(np.diff(fine) > 0)
+    assert len(diffusion.progressive_grids(np.array([0, 250, 500, 750]))) == 1  # leading: no fold fits
+
+
+def test_progressive_target_is_two_teacher_ddim_steps_by_hand(linear_abar):
+    """Fold 8 -> 4 steps on fine = [124, 249, ..., 999]: coarse step j = 1 goes 499 -> 374 -> 249 and
+    j = 0 goes 249 -> 124 -> data. One unclipped student DDIM step with the loss's eps~ must land
+    where the teacher's two steps (the first clipped) land; the loss is the MSE to that eps~."""
+    from sfddm_core.distill import progressive_loss
+    fine = diffusion.progressive_grids(diffusion.student_timesteps(1000, 4, "trailing"))[-2]
+    assert fine[:4].tolist() == [124, 249, 374, 499]
+    x0 = torch.tensor([[[[0.5, -0.9], [0.8, 0.1]]], [[[0.3, -0.7], [1.0, -1.0]]]])
+    eps = torch.tensor([[[[1.5, -2.0], [0.3, 0.7]]], [[[-0.4, 1.1], [2.2, -0.6]]]])
+    j = np.array([1, 0])
+    student = LinearEps()
+    terms = progressive_loss(student, LinearEps(), x0, eps, j, fine, fine[1::2], linear_abar)
+    eps_student = []
+    for b, (t, mid, s) in enumerate([(499, 374, 249), (249, 124, -1)]):
+        x_t = np.sqrt(linear_abar[t]) * x0[b] + np.sqrt(1 - linear_abar[t]) * eps[b]
+        target = _ddim_by_hand(_ddim_by_hand(x_t, t, mid, linear_abar, clip=True), mid, s, linear_abar, clip=False)
+        a_t, a_s = linear_abar[t], (1.0 if s < 0 else linear_abar[s])
+        r = np.sqrt((1 - a_s) / (1 - a_t))
+        x0_tilde = (target - r * x_t) / (np.sqrt(a_s) - r * np.sqrt(a_t))      # Salimans & Ho's x-target
+        eps_tilde = (x_t - np.sqrt(a_t) * x0_tilde) / np.sqrt(1 - a_t)
+        landed = np.sqrt(a_s) * x0_tilde + np.sqrt(1 - a_s) * eps_tilde       # one DDIM step with eps~
+        torch.testing.assert_close(landed, target, atol=1e-5, rtol=1e-5)
+        eps_student.append(((0.1 + t / 1000) * x_t - eps_tilde))
+    expected = torch.stack(eps_student).pow(2).mean()
+    torch.testing.assert_close(terms["loss"], expected, atol=1e-6, rtol=1e-4)
+
+
+def test_time_embedding_fit_beyond_the_well_conditioned_range(linear_abar):
+    """T' = 10 on a UNet with 8 sinusoidal time features: least squares alone is far off (the features
+    of 0..9 are nearly collinear); the refinement brings the copy's outputs within 1e-2 of the teacher."""
+    from sfddm_core.distill import align_time_embedding
+    phi = diffusion.student_timesteps(1000, 10, "trailing")
+    teacher, student = make_unet(0), make_unet(1)
+    student.load_state_dict(teacher.state_dict())
+    assert align_time_embedding(student, teacher, phi, refine_steps=0) > 1e-2
+    error = align_time_embedding(student, teacher, phi)
+    assert error < 1e-2
+    x = torch.randn(10, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = student(x, torch.arange(10)).sample, teacher(x, torch.as_tensor(phi)).sample
+    assert (ours - theirs).abs().max() < 1e-2

@@ -23,9 +23,10 @@ def dvc(cwd, *args):
     return result.stdout
 
 
-@pytest.mark.slow
-def test_dvc_repro_end_to_end(tmp_path):
-    project = tmp_path / "project"
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A temporary copy of the project with tiny params, before its first `dvc repro`."""
+    project = tmp_path_factory.mktemp("dvc") / "project"
     project.mkdir()
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, project / name)
@@ -34,7 +35,11 @@ def test_dvc_repro_end_to_end(tmp_path):
     full = yaml.safe_load((ROOT / "params.yaml").read_text())      # DVC needs every key it tracks
     (project / "params.yaml").write_text(yaml.safe_dump(merged(full, TINY_PARAMS)))
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    return project
 
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end(project):
     first = dvc(project, "repro")
     for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]:
         assert f"Running stage '{stage}'" in first
@@ -55,3 +60,36 @@ def test_dvc_repro_end_to_end(tmp_path):
     ran = {line.split("'")[1] for line in rerun.splitlines() if line.startswith("Running stage")}
     assert ran == {"distill", "evaluate", "register", "promote"}, rerun     # not the teacher's stages
     assert json.loads((project / "metrics/evaluate.json").read_text())["nfe"]["student"] == 2
+
+
+def sfddm(cwd, *args):
+    result = subprocess.run([str(BIN / "sfddm"), *args], cwd=cwd, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_benchmarks_on_the_pipeline_outputs(project):
+    """Both bench commands on the tiny project's teacher and student; a rerun reuses stored variants."""
+    if not (project / "models/student").is_dir():
+        dvc(project, "repro")
+    quality = ["bench", "quality", "--profile", "full", "--variants", "base,progressive,init=copy",
+               "--set", "distill.iterations=4", "--set", "student.steps=2"]
+    assert sfddm(project, *quality).strip().endswith("benchmark.md")
+    sfddm(project, "bench", "speed", "--teacher-steps", "5", "--repeats", "1", "--loop-steps", "3",
+          "--batch-size", "8")
+    report = json.loads((project / "reports/bench/quality-full.json").read_text())
+    assert set(report["variants"]) == {"base", "progressive", "init=copy"}
+    assert set(report["baselines"]) == {"teacher_ddpm", "teacher_ddim 2 trailing"}       # the project's phi: T' = 2
+    progressive = report["variants"]["progressive"]
+    assert progressive["compute"]["student_updates"] == 5 * 4   # T = 100, phi = [49, 99]: gaps 50 -> 5 folds
+    assert progressive["compute"]["teacher_forwards"] == 5 * 4 * 16 * 2           # 2 teacher steps per image
+    base = report["variants"]["base"]
+    assert base["compute"]["teacher_forwards"] == 4 * 16 * 4                       # K = 4 teacher steps
+    assert [point["updates"] for point in base["curve"]] == [1, 2, 3, 4]
+    markdown = (project / "reports/benchmark.md").read_text()
+    for heading in ("## Quality, profile `full`", "## Speed", "## Targets"):
+        assert heading in markdown
+    assert (project / "reports/benchmark_full_fid_vs_nfe.png").stat().st_size > 1000
+    assert "bench quality: base" not in sfddm(project, *quality)                   # stored results reused

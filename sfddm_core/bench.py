@@ -1,0 +1,327 @@
+"""`sfddm bench quality` and `sfddm bench speed`: SFDDM against its baselines on one teacher.
+
+Quality: each variant of SWEEP is the settings plus a few overrides (one question each), distilled
+from the same teacher and data and sampled from the same seeds; FIDs use one feature network and
+sample count. Baselines: the teacher's DDPM over T steps (the stored samples of sample-teacher) and
+its DDIM on each variant's timesteps. Each variant's result is kept in <out>/bench/quality/ under
+the hash of its settings, so an interrupted or extended sweep reruns only what is missing.
+Speed: sampling throughput against the ideal T/T', our DDIM loop against diffusers' DDIMScheduler loop
+on the same UNet, and a distillation update against a teacher training step.
+Both write JSON next to reports/benchmark.md, which is rendered from whichever JSON exists.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from . import config as config_lib
+from . import data, diffusion, distill, evaluate, fid, models, samplers, teacher
+from .config import Config
+from .errors import SfddmError
+from .io import resolve_device, sha256_file, sha256_tree, write_json
+
+# One question per variant; each is the settings plus these overrides.
+SWEEP: dict[str, dict] = {
+    "base": {},
+    "steps=2": {"student.steps": 2},
+    "steps=10": {"student.steps": 10},
+    "steps=20": {"student.steps": 20},
+    "steps=50": {"student.steps": 50},
+    "spacing=leading": {"student.spacing": "leading"},
+    "init=random": {"student.init": "random"},
+    "init=copy": {"student.init": "copy"},
+    "objective=pointwise": {"distill.pointwise_weight": 1.0, "distill.trajectory_weight": 0.0},
+    "objective=both": {"distill.pointwise_weight": 1.0, "distill.trajectory_weight": 1.0},
+    "K=2": {"distill.substeps": 2},
+    "K=32": {"distill.substeps": 32},
+    "lambda_h=0": {"distill.hidden_weight": 0.0},
+    "progressive": {"distill.method": "progressive"},
+    "progressive steps=10": {"distill.method": "progressive", "student.steps": 10},
+}
+# fast: minutes per variant on a 2-core CPU; full: the settings as they are (meant for a GPU).
+PROFILES = {"fast": {"distill.iterations": 200, "distill.batch_size": 64}, "full": {}}
+CURVE_POINTS = 4            # FID evaluations along each distillation (the last at its end)
+BACKWARD_COST = 2           # a backward pass counted as two forward passes in training compute
+
+
+def variant_config(cfg: Config, profile: str, overrides: dict) -> Config:
+    values = config_lib.to_dict(cfg)
+    for dotted, value in {**PROFILES[profile], **overrides}.items():
+        *parents, last = dotted.split(".")
+        node = values
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return config_lib.from_dict(values)
+
+
+def forward_equivalents(compute: dict, batch_size: int) -> int:
+    """Training compute in network forward passes over one image: teacher forwards plus the student's
+    forward and backward (BACKWARD_COST forwards) per image of each update."""
+    return int(compute["teacher_forwards"]) + (1 + BACKWARD_COST) * compute["student_updates"] * batch_size
+
+
+def compute_to_reach(curve: list[dict], target_fid: float) -> Optional[int]:
+    """The training compute (forward equivalents) at the first curve point with FID <= target_fid."""
+    return next((point["compute"] for point in curve if point["fid"] <= target_fid), None)
+
+
+class QualityBench:
+    """The shared pieces of a quality sweep: teacher, reference data, feature network, seeds, baselines."""
+
+    def __init__(self, cfg: Config, teacher_dir: Path, data_dir: Path, classifier: Path, teacher_samples: Path):
+        self.cfg, self.teacher_dir, self.data_dir = cfg, teacher_dir, data_dir
+        self.device = resolve_device(cfg.device)
+        self.teacher = models.load_model(teacher_dir)
+        self.teacher_sha256 = sha256_tree(teacher_dir)
+        self.reference, _ = data.load_split(data_dir, "test")
+        self.network = fid.feature_network(cfg.evaluate, classifier)
+        self.seeds = evaluate.seeds(cfg, cfg.evaluate.num_samples)
+        self.ddpm = evaluate.load_samples(teacher_samples / evaluate.SAMPLE_FILES["teacher_ddpm"])
+        self.ddim_full = evaluate.load_samples(teacher_samples / evaluate.SAMPLE_FILES["teacher_ddim_full"])
+        if len(self.ddpm["images"]) != cfg.evaluate.num_samples:
+            raise SfddmError(f"{teacher_samples}: holds {len(self.ddpm['images'])} samples, evaluate.num_samples "
+                             f"is {cfg.evaluate.num_samples}; rerun sfddm sample-teacher")
+
+    def sample(self, model: models.DiffusionModel, timesteps=None) -> np.ndarray:
+        images, _ = samplers.generate(model, self.seeds, "ddim", timesteps, self.cfg.evaluate.batch_size,
+                                      self.device, desc=f"sampling {len(timesteps) if timesteps is not None else model.num_timesteps} steps")
+        return data.to_uint8(images)
+
+    def fid(self, images: np.ndarray) -> float:
+        return round(fid.frechet_distance(self.network, self.reference, images,
+                                          batch_size=self.cfg.evaluate.batch_size, device=self.device), 4)
+
+    def baselines(self, variants: dict[str, dict]) -> dict:
+        """The teacher's DDPM over T steps, and its DDIM on the timesteps of each variant."""
+        rows = {"teacher_ddpm": {"nfe": self.teacher.num_timesteps, "fid": self.fid(self.ddpm["images"])}}
+        for variant in variants.values():
+            name = ddim_baseline_name(variant)
+            if name not in rows:
+                rows[name] = {"nfe": variant["nfe"], "phi": variant["phi"],
+                              "fid": self.fid(self.sample(self.teacher, np.asarray(variant["phi"])))}
+        return rows
+
+    def run_variant(self, cfg: Config) -> dict:
+        """Distil one student, with an FID curve along the way; FID, consistency and compute at the end."""
+        schedule = distill.StudentSchedule(cfg.student_timesteps, self.teacher.alphas_cumprod)
+        dc = cfg.distill
+        updates_per_curve = max(1, dc.iterations // CURVE_POINTS)
+
+        def student_fid(unet) -> dict:
+            return {"fid": self.fid(self.sample(models.DiffusionModel(unet, schedule.abar_student)))}
+
+        unet, _, log = distill.distill(cfg, self.teacher, self.data_dir, student_fid, updates_per_curve)
+        compute = distill.training_compute(log)
+        curve = [{"updates": entry["step"] + 1, "fid": entry["fid"], "seconds": entry["seconds"],
+                  "compute": forward_equivalents({"teacher_forwards": entry["teacher_forwards"],
+                                                  "student_updates": entry["step"] + 1}, dc.batch_size)}
+                 for entry in log if "fid" in entry]
+        student = models.DiffusionModel(unet, schedule.abar_student)
+        images = self.sample(student)
+        consistency = evaluate.consistency_ratio(self.ddim_full["images"], images[:len(self.ddim_full["images"])])
+        return {"fid": curve[-1]["fid"], "consistency_ratio": round(consistency, 4), "nfe": len(schedule.phi),
+                "phi": schedule.phi.tolist(), "compute": {**compute, "forward_equivalents": curve[-1]["compute"]},
+                "curve": curve}
+
+
+def ddim_baseline_name(variant: dict) -> str:
+    """The baseline a variant is compared with: the teacher's DDIM on the same timesteps."""
+    return f"teacher_ddim {variant['nfe']} {variant['settings']['student']['spacing']}"
+
+
+def settings_hash(cfg: Config, teacher_sha256: str) -> str:
+    """What a stored variant result depends on: its settings, the teacher, and the library's code (all
+    modules but the benchmark's own and the CLI), so a code change reruns the sweep."""
+    library = Path(__file__).parent
+    code = {path.name: sha256_file(path) for path in sorted(library.glob("*.py"))
+            if path.name not in ("bench.py", "bench_report.py", "cli.py")}
+    text = json.dumps({"config": config_lib.to_dict(cfg), "teacher": teacher_sha256, "code": code}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def quality(cfg: Config, teacher_dir: Path, data_dir: Path, classifier: Path, teacher_samples: Path,
+            out_dir: Path, profile: str = "fast", variants: Optional[list[str]] = None) -> dict:
+    """sfddm bench quality: run the sweep (reusing stored variant results), write
+    <out>/bench/quality-<profile>.json."""
+    unknown = sorted(set(variants or []) - set(SWEEP))
+    if unknown:
+        raise SfddmError(f"--variants: unknown {unknown}; expected names from {list(SWEEP)}")
+    bench = QualityBench(cfg, teacher_dir, data_dir, classifier, teacher_samples)
+    configs = {name: variant_config(cfg, profile, overrides) for name, overrides in SWEEP.items()
+               if not variants or name in variants}
+    store = out_dir / "bench" / "quality"
+    store.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name, variant in configs.items():
+        path = store / f"{settings_hash(variant, bench.teacher_sha256)}.json"
+        if path.is_file():
+            results[name] = json.loads(path.read_text())
+            continue
+        print(f"bench quality: {name}", flush=True)
+        result = {"variant": name, "overrides": SWEEP[name], "method": variant.distill.method,
+                  "settings": config_lib.to_dict(variant), **bench.run_variant(variant)}
+        write_json(path, result)
+        results[name] = result
+    report = {"profile": profile, "overrides": PROFILES[profile], "machine": machine(bench.device),
+              "feature_network": bench.network.label, "num_samples": cfg.evaluate.num_samples,
+              "teacher_sha256": bench.teacher_sha256, "baselines": bench.baselines(results),
+              "variants": results}
+    write_json(out_dir / "bench" / f"quality-{profile}.json", report)
+    return report
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU ({platform.machine()}, {torch.get_num_threads()} torch threads)"
+    return f"{name}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+# ---- speed ----
+
+def median_seconds(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, float]:
+    """Median seconds of each fn() over `repeats` rounds after one warm-up call each. The rounds
+    interleave the functions (in rotating order), so a slow spell of the machine hits all alike and
+    the ratios between them stay fair."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    names = list(fns)
+    for round_ in range(repeats):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            began = time.perf_counter()
+            fns[name]()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - began)
+    return {name: float(np.median(values)) for name, values in times.items()}
+
+
+@torch.no_grad()
+def diffusers_ddim_loop(unet, scheduler, x: torch.Tensor) -> torch.Tensor:
+    """The reference loop: diffusers' DDIMScheduler.step over scheduler.timesteps."""
+    for t in scheduler.timesteps:
+        x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+    return x
+
+
+def speed(cfg: Config, teacher_dir: Path, student_dir: Path, data_dir: Path, out_dir: Path,
+          batch_size: Optional[int] = None, loop_steps: int = 50, repeats: int = 5, teacher_steps: Optional[int] = None,
+          fast_gpu: Optional[bool] = None) -> dict:
+    """sfddm bench speed: write <out>/bench/speed.json.
+
+    batch_size: default 512 on a GPU, 64 on a CPU. teacher_steps: time the teacher over this many of its
+    T steps and scale to T (default: all T; the per-step cost of a UNet does not depend on t). fast_gpu (default: on when a GPU is used): bf16
+    autocast, channels_last and torch.compile for the sampling measurements.
+    """
+    device = resolve_device(cfg.device)
+    fast_gpu = device.type == "cuda" if fast_gpu is None else fast_gpu
+    batch_size = batch_size or (512 if device.type == "cuda" else 64)     # a GPU needs large batches to fill
+    teacher_model, student_model = models.load_model(teacher_dir), models.load_model(student_dir)
+    T, T_student = teacher_model.num_timesteps, student_model.num_timesteps
+    shape = (batch_size, *teacher_model.image_shape)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def prepared(unet):
+        unet = unet.to(device).eval()
+        return torch.compile(unet.to(memory_format=torch.channels_last)) if fast_gpu else unet
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast_gpu)
+
+    teacher_unet, student_unet = prepared(teacher_model.unet), prepared(student_model.unet)
+    steps = min(teacher_steps or T, T)
+    teacher_grid = np.arange(T)[-steps:]
+    with autocast():
+        seconds = median_seconds({
+            "teacher": lambda: samplers.ddim_sample(teacher_unet, x, teacher_grid, teacher_model.alphas_cumprod),
+            "student": lambda: samplers.ddim_sample(student_unet, x, np.arange(T_student), student_model.alphas_cumprod),
+        }, device, repeats)
+    teacher_seconds, student_seconds = seconds["teacher"] * T / steps, seconds["student"]
+    sampling = {"batch_size": batch_size, "teacher_steps": T, "student_steps": T_student,
+                "teacher_steps_timed": steps,
+                "teacher_images_per_second": round(batch_size / teacher_seconds, 2),
+                "student_images_per_second": round(batch_size / student_seconds, 2),
+                "speedup": round(teacher_seconds / student_seconds, 2), "ideal_speedup": T / T_student}
+    sampling["fraction_of_ideal"] = round(sampling["speedup"] / sampling["ideal_speedup"], 3)
+
+    # Per-step overhead: the same UNet and timesteps under our loop and diffusers' (float32, eager).
+    plain_unet = teacher_model.unet.to(device).eval()
+    scheduler = models.DDIMScheduler(num_train_timesteps=T, trained_betas=diffusion.student_betas(
+        teacher_model.alphas_cumprod, np.arange(T)).tolist(), clip_sample=True, set_alpha_to_one=True,
+        timestep_spacing="trailing")
+    scheduler.set_timesteps(loop_steps)
+    grid = np.sort(scheduler.timesteps.numpy())
+    with torch.no_grad():
+        seconds = median_seconds({
+            "ours": lambda: samplers.ddim_sample(plain_unet, x, grid, teacher_model.alphas_cumprod),
+            "diffusers": lambda: diffusers_ddim_loop(plain_unet, scheduler, x),
+            "unet": lambda: [plain_unet(x, torch.full((batch_size,), int(t), device=device)) for t in grid],
+        }, device, repeats)
+    ours, theirs, network = seconds["ours"], seconds["diffusers"], seconds["unet"]
+    loop = {"steps": loop_steps, "ours_ms_per_step": round(1e3 * ours / loop_steps, 3),
+            "diffusers_ms_per_step": round(1e3 * theirs / loop_steps, 3),
+            "unet_ms_per_step": round(1e3 * network / loop_steps, 3),
+            "ours_over_diffusers": round(ours / theirs, 3)}
+
+    training = training_throughput(cfg, teacher_model, data_dir, device, repeats)
+    result = {"machine": machine(device), "fast_gpu": fast_gpu, "sampling": sampling, "loop": loop,
+              "training": training, "peak_memory_mib": peak_memory_mib(device)}
+    write_json(out_dir / "bench" / "speed.json", result)
+    return result
+
+
+def training_throughput(cfg: Config, teacher_model: models.DiffusionModel, data_dir: Path,
+                        device: torch.device, repeats: int) -> dict:
+    """Seconds of one distillation update (cfg.distill) and of one teacher training step, same batch size."""
+    batch_size = cfg.distill.batch_size
+    images, _ = data.load_split(data_dir, "train")
+    x0 = data.to_model_range(images[:batch_size]).to(device)
+    eps = torch.randn_like(x0)
+    rng = np.random.default_rng(0)
+    schedule = distill.StudentSchedule(cfg.student_timesteps, teacher_model.alphas_cumprod)
+    teacher_unet = teacher_model.unet.to(device).eval().requires_grad_(False)
+    student_unet = distill.initial_student(teacher_unet, schedule.phi, cfg.student.init, cfg.seed).to(device)
+    trained_unet = distill.initial_student(teacher_unet, schedule.phi, "random", cfg.seed).to(device)
+    student_opt = torch.optim.Adam(student_unet.parameters(), lr=cfg.distill.lr)
+    teacher_opt = torch.optim.Adam(trained_unet.parameters(), lr=cfg.teacher.lr)
+
+    def distill_update():
+        i = rng.integers(0, len(schedule.phi), batch_size)
+        loss = distill.distillation_loss(student_unet, teacher_unet, x0, eps, i, schedule, cfg.distill)["loss"]
+        student_opt.zero_grad()
+        loss.backward()
+        student_opt.step()
+
+    def teacher_step():
+        t = torch.as_tensor(rng.integers(0, teacher_model.num_timesteps, batch_size), device=device)
+        loss = teacher.denoising_loss(trained_unet, x0, eps, t, teacher_model.alphas_cumprod)
+        teacher_opt.zero_grad()
+        loss.backward()
+        teacher_opt.step()
+
+    seconds = median_seconds({"distill": distill_update, "teacher": teacher_step}, device, repeats)
+    distill_seconds, teacher_seconds = seconds["distill"], seconds["teacher"]
+    return {"batch_size": batch_size, "substeps": cfg.distill.substeps,
+            "distill_update_ms": round(1e3 * distill_seconds, 2), "teacher_step_ms": round(1e3 * teacher_seconds, 2),
+            "distill_over_teacher_step": round(distill_seconds / teacher_seconds, 2)}
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)     # Linux: KiB
