@@ -179,6 +179,7 @@ def test_whole_pipeline_runs_locally_and_registers_a_champion(tmp_path, monkeypa
     assert "| student (SFDDM) | 4 |" in (run_dir / "evaluate" / "fid_table").read_text()
     assert (run_dir / "evaluate" / "sample_grids").read_text().count("data:image/png;base64,") == 5
     # All stage runs of this pipeline execution hang under one parent run in MLflow.
+    mlflow.set_tracking_uri(tracking_uri)       # an earlier in-process test may have set another one
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     parents = {run.data.tags.get("mlflow.parentRunId") for run in runs if "sfddm.stage" in run.data.tags}
     assert len(parents) == 1 and None not in parents
