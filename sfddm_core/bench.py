@@ -53,14 +53,7 @@ BACKWARD_COST = 2           # a backward pass counted as two forward passes in t
 
 
 def variant_config(cfg: Config, profile: str, overrides: dict) -> Config:
-    values = config_lib.to_dict(cfg)
-    for dotted, value in {**PROFILES[profile], **overrides}.items():
-        *parents, last = dotted.split(".")
-        node = values
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    return config_lib.from_dict(values)
+    return config_lib.with_overrides(config_lib.to_dict(cfg), {**PROFILES[profile], **overrides})
 
 
 def forward_equivalents(compute: dict, batch_size: int) -> int:
@@ -78,7 +71,7 @@ class QualityBench:
     """The shared pieces of a quality sweep: teacher, reference data, feature network, seeds, baselines."""
 
     def __init__(self, cfg: Config, teacher_dir: Path, data_dir: Path, classifier: Path, teacher_samples: Path):
-        self.cfg, self.teacher_dir, self.data_dir = cfg, teacher_dir, data_dir
+        self.cfg, self.data_dir = cfg, data_dir
         self.device = resolve_device(cfg.device)
         self.teacher = models.load_model(teacher_dir)
         self.teacher_sha256 = sha256_tree(teacher_dir)

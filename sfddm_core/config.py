@@ -264,7 +264,12 @@ def load(path: Union[str, Path] = "params.yaml", overrides: Optional[dict] = Non
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level, "
                           f"got {type(values).__name__}")
-    for dotted, value in (overrides or {}).items():
+    return with_overrides(values, overrides or {})
+
+
+def with_overrides(values: dict, overrides: dict) -> Config:
+    """params-style `values` (changed in place) with dotted overrides applied, validated."""
+    for dotted, value in overrides.items():
         node = values
         *parents, last = dotted.split(".")
         for depth, part in enumerate(parents, 1):
