@@ -43,8 +43,10 @@ SWEEP: dict[str, dict] = {
     "K=2": {"distill.substeps": 2},
     "K=32": {"distill.substeps": 32},
     "lambda_h=0": {"distill.hidden_weight": 0.0},
+    "clip_substeps": {"distill.clip_substeps": True},
     "progressive": {"distill.method": "progressive"},
     "progressive steps=10": {"distill.method": "progressive", "student.steps": 10},
+    "progressive clip_substeps": {"distill.method": "progressive", "distill.clip_substeps": True},
 }
 # fast: minutes per variant on a 2-core CPU; full: the settings as they are (meant for a GPU).
 PROFILES = {"fast": {"distill.iterations": 200, "distill.batch_size": 64}, "full": {}}

@@ -70,6 +70,7 @@ class DistillConfig:
     hidden_weight: float = 1.0          # lambda_h: |h_S - h_T|, h = input of conv_out
     trajectory_weight: float = 1.0      # |eps_S - eps*|^2, eps* from K teacher DDIM sub-steps
     substeps: int = 8                   # K
+    clip_substeps: bool = False         # clip the teacher's x0-hat at its sub-steps (all but the last)
     lr: float = 2e-4
     batch_size: int = 128
     iterations: int = 600               # progressive: updates per fold

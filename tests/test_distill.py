@@ -1,5 +1,8 @@
 """SFDDM's alignment and loss terms, by hand on small tensors."""
+import types
+
 import numpy as np
+import pytest
 import torch
 
 from sfddm_core import diffusion
@@ -54,26 +57,27 @@ def _ddim_by_hand(x, t, s, abar, clip):
     return np.sqrt(a_s) * x0 + np.sqrt(1 - a_s) * eps
 
 
-def test_trajectory_target_lands_on_the_teachers_k_steps(linear_abar):
-    """i = 1 (phi: 499 -> 249) and i = 0 (249 -> data), K = 2: the teacher's two DDIM steps by hand,
-    then one student DDIM step with eps* (x0* inside) must land on them."""
+@pytest.mark.parametrize("clip", [False, True])
+def test_trajectory_target_lands_on_the_teachers_k_steps(linear_abar, clip):
+    """i = 1 (phi: 499 -> 249) and i = 0 (249 -> data), K = 2: the teacher's two DDIM steps by hand
+    (the first one's x0-hat clipped if clip), then one student DDIM step with eps* must land on them."""
     schedule = StudentSchedule(diffusion.student_timesteps(1000, 4, "trailing"), linear_abar)
     teacher = LinearEps()
     x = torch.tensor([[[[0.5, -2.0], [1.5, 0.1]]], [[[0.3, -0.7], [2.5, -1.2]]]])
     i = np.array([1, 0])
     eps_t = teacher(x, torch.as_tensor(schedule.phi[i])).sample
-    eps_star = trajectory_eps_target(teacher, x, i, schedule, 2, eps_t)
+    eps_star = trajectory_eps_target(teacher, x, i, schedule, 2, eps_t, clip)
     for b, (t, s) in enumerate([(499, 249), (249, -1)]):
         mid = (t + s) / 2
         mid = int(np.round(mid))                                      # 374 and 124
-        x_mid = _ddim_by_hand(x[b], t, mid, linear_abar, clip=True)
+        x_mid = _ddim_by_hand(x[b], t, mid, linear_abar, clip=clip)
         target = _ddim_by_hand(x_mid, mid, s, linear_abar, clip=False)
         a_t, a_s = linear_abar[t], (1.0 if s < 0 else linear_abar[s])
         landed = diffusion.ddim_step(x[b], eps_star[b], a_t, a_s, clip=False)
         torch.testing.assert_close(landed, target, atol=1e-5, rtol=1e-5)
     # at i = 0 the landing point is the data end: x0* is the teacher's result itself
     x0_star = diffusion.predict_x0(x[1], eps_star[1], linear_abar[249])
-    target0 = _ddim_by_hand(_ddim_by_hand(x[1], 249, 124, linear_abar, True), 124, -1, linear_abar, False)
+    target0 = _ddim_by_hand(_ddim_by_hand(x[1], 249, 124, linear_abar, clip), 124, -1, linear_abar, False)
     torch.testing.assert_close(x0_star, target0, atol=1e-5, rtol=1e-5)
 
 
@@ -84,9 +88,10 @@ def test_one_step_path_gives_the_teachers_eps(linear_abar):
     x = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0)) * 3
     i = np.array([0, 3, 5, 9])
     eps_t = LinearEps()(x, torch.as_tensor(i)).sample
-    eps_star = trajectory_eps_target(LinearEps(), x, i, schedule, 8, eps_t)
-    # float32 round trip through x0* divides by sqrt(1 - abar_0) = 0.01, hence the tolerance
-    torch.testing.assert_close(eps_star, eps_t, atol=3e-4, rtol=1e-3)
+    for clip in (False, True):
+        eps_star = trajectory_eps_target(LinearEps(), x, i, schedule, 8, eps_t, clip)
+        # float32 round trip through x0* divides by sqrt(1 - abar_0) = 0.01, hence the tolerance
+        torch.testing.assert_close(eps_star, eps_t, atol=3e-4, rtol=1e-3)
 
 
 def test_teacher_init_starts_as_the_teacher_on_phi(linear_abar):
@@ -117,7 +122,7 @@ def test_progressive_grids_bisect_every_gap():
 def test_progressive_target_is_two_teacher_ddim_steps_by_hand(linear_abar):
     """Fold 8 -> 4 steps on fine = [124, 249, ..., 999]: coarse step j = 1 goes 499 -> 374 -> 249 and
     j = 0 goes 249 -> 124 -> data. One unclipped student DDIM step with the loss's eps~ must land
-    where the teacher's two steps (the first clipped) land; the loss is the MSE to that eps~."""
+    where the teacher's two unclipped steps land; the loss is the MSE to that eps~."""
     from sfddm_core.distill import progressive_loss
     fine = diffusion.progressive_grids(diffusion.student_timesteps(1000, 4, "trailing"))[-2]
     assert fine[:4].tolist() == [124, 249, 374, 499]
@@ -129,7 +134,7 @@ def test_progressive_target_is_two_teacher_ddim_steps_by_hand(linear_abar):
     eps_student = []
     for b, (t, mid, s) in enumerate([(499, 374, 249), (249, 124, -1)]):
         x_t = np.sqrt(linear_abar[t]) * x0[b] + np.sqrt(1 - linear_abar[t]) * eps[b]
-        target = _ddim_by_hand(_ddim_by_hand(x_t, t, mid, linear_abar, clip=True), mid, s, linear_abar, clip=False)
+        target = _ddim_by_hand(_ddim_by_hand(x_t, t, mid, linear_abar, clip=False), mid, s, linear_abar, clip=False)
         a_t, a_s = linear_abar[t], (1.0 if s < 0 else linear_abar[s])
         r = np.sqrt((1 - a_s) / (1 - a_t))
         x0_tilde = (target - r * x_t) / (np.sqrt(a_s) - r * np.sqrt(a_t))      # Salimans & Ho's x-target
@@ -139,6 +144,25 @@ def test_progressive_target_is_two_teacher_ddim_steps_by_hand(linear_abar):
         eps_student.append(((0.1 + t / 1000) * x_t - eps_tilde))
     expected = torch.stack(eps_student).pow(2).mean()
     torch.testing.assert_close(terms["loss"], expected, atol=1e-6, rtol=1e-4)
+
+
+def test_progressive_target_of_a_constant_eps_teacher_is_that_eps(linear_abar):
+    """DDIM is exact when eps is constant, so two steps land where one does and eps~ is the teacher's eps,
+    also in the first fold at high noise, where x0-hat lies far outside [-1, 1] (clipping it there would
+    move eps~ 25-fold: c_ts is -0.04 for 999 -> 995)."""
+    from sfddm_core.distill import progressive_loss
+
+    class ConstantEps(torch.nn.Module):
+        def forward(self, x, t):
+            return types.SimpleNamespace(sample=torch.full_like(x, 0.7))
+
+    fine = diffusion.progressive_grids(diffusion.student_timesteps(1000, 4, "trailing"))[0]
+    assert fine[-3:].tolist() == [995, 997, 999]
+    x0 = torch.full((3, 1, 2, 2), 0.9)
+    eps = torch.full((3, 1, 2, 2), 3.0)      # x_999's x0-hat is about 360: far outside [-1, 1]
+    j = np.array([len(fine) // 2 - 1, 100, 0])
+    terms = progressive_loss(ConstantEps(), ConstantEps(), x0, eps, j, fine, fine[1::2], linear_abar)
+    assert terms["loss"].item() < 1e-8
 
 
 def test_time_embedding_fit_beyond_the_well_conditioned_range(linear_abar):
