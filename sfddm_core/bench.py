@@ -17,6 +17,7 @@ import platform
 import resource
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import numpy as np
@@ -204,6 +205,13 @@ def median_seconds(fns: dict[str, Callable[[], object]], device: torch.device, r
     return {name: float(np.median(values)) for name, values in times.items()}
 
 
+class FreeNetwork(torch.nn.Module):
+    """A network that costs nothing (it returns its input as eps): a sampler loop around it takes only
+    the loop's own per-step overhead, which a real UNet's run-to-run noise hides on a CPU."""
+    def forward(self, x: torch.Tensor, t) -> SimpleNamespace:
+        return SimpleNamespace(sample=x)
+
+
 @torch.no_grad()
 def diffusers_ddim_loop(unet, scheduler, x: torch.Tensor) -> torch.Tensor:
     """The reference loop: diffusers' DDIMScheduler.step over scheduler.timesteps."""
@@ -254,7 +262,8 @@ def speed(cfg: Config, teacher_dir: Path, student_dir: Path, data_dir: Path, out
                 "speedup": round(teacher_seconds / student_seconds, 2), "ideal_speedup": T / T_student}
     sampling["fraction_of_ideal"] = round(sampling["speedup"] / sampling["ideal_speedup"], 3)
 
-    # Per-step overhead: the same UNet and timesteps under our loop and diffusers' (float32, eager).
+    # Per step: the same UNet and timesteps under our loop and diffusers' (float32, eager), and the
+    # loops' own overhead around a network that costs nothing.
     plain_unet = teacher_model.unet.to(device).eval()
     scheduler = models.DDIMScheduler(num_train_timesteps=T, trained_betas=diffusion.student_betas(
         teacher_model.alphas_cumprod, np.arange(T)).tolist(), clip_sample=True, set_alpha_to_one=True,
@@ -267,11 +276,18 @@ def speed(cfg: Config, teacher_dir: Path, student_dir: Path, data_dir: Path, out
             "diffusers": lambda: diffusers_ddim_loop(plain_unet, scheduler, x),
             "unet": lambda: [plain_unet(x, torch.full((batch_size,), int(t), device=device)) for t in grid],
         }, device, repeats)
+        overhead = median_seconds({
+            "ours": lambda: samplers.ddim_sample(FreeNetwork(), x, grid, teacher_model.alphas_cumprod),
+            "diffusers": lambda: diffusers_ddim_loop(FreeNetwork(), scheduler, x),
+        }, device, max(repeats, 20))           # microseconds each: more rounds cost nothing
     ours, theirs, network = seconds["ours"], seconds["diffusers"], seconds["unet"]
     loop = {"steps": loop_steps, "ours_ms_per_step": round(1e3 * ours / loop_steps, 3),
             "diffusers_ms_per_step": round(1e3 * theirs / loop_steps, 3),
             "unet_ms_per_step": round(1e3 * network / loop_steps, 3),
-            "ours_over_diffusers": round(ours / theirs, 3)}
+            "ours_over_diffusers": round(ours / theirs, 3),
+            "ours_overhead_us_per_step": round(1e6 * overhead["ours"] / loop_steps, 1),
+            "diffusers_overhead_us_per_step": round(1e6 * overhead["diffusers"] / loop_steps, 1),
+            "overhead_ours_over_diffusers": round(overhead["ours"] / overhead["diffusers"], 3)}
 
     training = training_throughput(cfg, teacher_model, data_dir, device, repeats)
     result = {"machine": machine(device), "fast_gpu": fast_gpu, "sampling": sampling, "loop": loop,

@@ -71,9 +71,10 @@ def speed_targets(speed: dict) -> list[tuple[str, str, str]]:
         rows.append(("student speed >= 0.9 x T/T' x teacher (per image)",
                      f"{sampling['speedup']:.1f} x of ideal {sampling['ideal_speedup']:.0f} x = "
                      f"{sampling['fraction_of_ideal']:.3f}", _check(sampling["fraction_of_ideal"] >= 0.9)))
-        rows.append(("our DDIM loop no slower per step than diffusers'",
-                     f"{loop['ours_ms_per_step']:.2f} vs {loop['diffusers_ms_per_step']:.2f} ms/step "
-                     f"= {loop['ours_over_diffusers']:.3f} x", _check(loop["ours_over_diffusers"] <= 1.0)))
+        rows.append(("our DDIM loop no slower per step than diffusers' (its own overhead)",
+                     f"{loop['ours_overhead_us_per_step']:.1f} vs {loop['diffusers_overhead_us_per_step']:.1f} "
+                     f"us/step = {loop['overhead_ours_over_diffusers']:.3f} x",
+                     _check(loop["overhead_ours_over_diffusers"] <= 1.0)))
     return rows
 
 
@@ -133,6 +134,8 @@ def render(qualities: dict[str, dict], speed: Optional[dict]) -> str:
             [f"our DDIM loop, {loop['steps']} steps", f"{loop['ours_ms_per_step']} ms/step"],
             ["diffusers DDIMScheduler loop, same UNet", f"{loop['diffusers_ms_per_step']} ms/step"],
             ["the UNet alone", f"{loop['unet_ms_per_step']} ms/step"],
+            ["loop overhead per step, ours / diffusers' (a network that costs nothing)",
+             f"{loop['ours_overhead_us_per_step']} / {loop['diffusers_overhead_us_per_step']} us"],
             [f"distillation update (K = {tr['substeps']}, batch {tr['batch_size']})", f"{tr['distill_update_ms']} ms"],
             ["teacher training step, same batch", f"{tr['teacher_step_ms']} ms (one update costs "
                                                   f"{tr['distill_over_teacher_step']} teacher steps)"],

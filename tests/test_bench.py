@@ -48,7 +48,9 @@ def test_targets_compare_the_measured_ratios():
                      "steps=10": _variant(10, 31.0),
                      "progressive": _variant(4, 40.0, "progressive", curve=((10000, 40.0),))}}
     speed = {"sampling": {"speedup": 230.0, "ideal_speedup": 250.0, "fraction_of_ideal": 0.92},
-             "loop": {"ours_ms_per_step": 1.0, "diffusers_ms_per_step": 1.2, "ours_over_diffusers": 0.833}}
+             "loop": {"ours_ms_per_step": 1.0, "diffusers_ms_per_step": 1.2, "ours_over_diffusers": 0.833,
+                      "ours_overhead_us_per_step": 150.0, "diffusers_overhead_us_per_step": 300.0,
+                      "overhead_ours_over_diffusers": 0.5}}
     rows = {target: (measured, verdict) for target, measured, verdict in
             bench_report.quality_targets(quality) + bench_report.speed_targets(speed)}
     verdicts = [verdict for _, verdict in rows.values()]

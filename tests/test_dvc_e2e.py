@@ -93,3 +93,5 @@ def test_benchmarks_on_the_pipeline_outputs(project):
         assert heading in markdown
     assert (project / "reports/benchmark_full_fid_vs_nfe.png").stat().st_size > 1000
     assert "bench quality: base" not in sfddm(project, *quality)                   # stored results reused
+    loop = json.loads((project / "reports/bench/speed.json").read_text())["loop"]
+    assert loop["ours_overhead_us_per_step"] > 0 and loop["diffusers_overhead_us_per_step"] > 0
