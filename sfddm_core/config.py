@@ -210,6 +210,12 @@ def validate(cfg: Config) -> Config:
         cfg.student_timesteps
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if cfg.teacher.source == "train":
+        last_beta = diffusion.beta_schedule(cfg.teacher.beta_schedule, cfg.teacher.num_train_timesteps)[-1]
+        if last_beta >= 1.0:        # abar reaches 0 there: x0 no longer follows from eps
+            raise ConfigError(f"teacher.num_train_timesteps: {cfg.teacher.num_train_timesteps} makes the "
+                              f"{cfg.teacher.beta_schedule} schedule's last beta {last_beta:.3g}; expected "
+                              "a beta below 1 (the linear schedule needs T > 20)")
     unet = cfg.teacher.unet
     if len(unet.attention) != len(unet.block_out_channels):
         raise ConfigError(f"teacher.unet.attention: expected {len(unet.block_out_channels)} entries, one "

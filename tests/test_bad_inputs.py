@@ -217,6 +217,8 @@ CASES = [
         args=lambda ws: ["--set", "student.steps=-3"]),
     bad("steps-zero", "prepare", ("student.steps", "expected a positive integer, got 0"),
         student_params(steps=0)),
+    bad("T-too-small-for-linear", "prepare", ("teacher.num_train_timesteps", "20", "last beta 1", "T > 20"),
+        with_params({"teacher": {"num_train_timesteps": 20}, "student": {"steps": 4}})),
     bad("steps-above-T", "prepare", ("student.steps", f"expected 1 <= steps <= T = {TEACHER_STEPS}"),
         student_params(steps=TEACHER_STEPS + 1)),
     bad("spacing-duplicate", "prepare", ("student.spacing", "strictly increasing", "[0, 5, 5]"),

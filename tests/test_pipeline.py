@@ -162,17 +162,17 @@ def test_whole_pipeline_runs_locally_and_registers_a_champion(tmp_path, monkeypa
     monkeypatch.delenv("SFDDM_PIPELINE_RUN", raising=False)
     monkeypatch.delenv("SFDDM_TRACKING", raising=False)        # conftest turns it off for other tests
     started = time.monotonic()
-    # teacher_timesteps, a pipeline parameter, takes T from 100 to 20: it checks that pipeline
-    # parameters reach the stages, and cuts the teacher's sampling over all T steps to a fifth.
+    # teacher_timesteps, a pipeline parameter, takes T from 100 to 25: it checks that pipeline
+    # parameters reach the stages, and cuts the teacher's sampling over all T steps to a quarter.
     version = run_local(overrides=flatten(TINY_PARAMS), pipeline_root=tmp_path / "runs",
-                        arguments={"teacher_timesteps": 20, "registered_model_name": "sfddm-tiny",
+                        arguments={"teacher_timesteps": 25, "registered_model_name": "sfddm-tiny",
                                    "max_fid": 10**6})
     print(f"local pipeline run: {time.monotonic() - started:.0f} s")
 
     assert version == 1
     client = mlflow.MlflowClient(tracking_uri)
     champion = client.get_model_version_by_alias("sfddm-tiny", "champion")
-    assert int(champion.version) == 1 and champion.tags["T"] == "20"
+    assert int(champion.version) == 1 and champion.tags["T"] == "25"
     [run_dir] = (tmp_path / "runs").iterdir()
     decision = json.loads((run_dir / "promote" / "decision").read_text())
     assert decision["promoted"] is True and decision["champion_version"] == 1
