@@ -6,18 +6,19 @@ use inside their bodies, like a component does.
 
 
 def fid_table_markdown(metrics: dict, reference: str) -> str:
-    """One row per sampler (FID, NFE, speed), then what the numbers depend on: sample count,
-    reference set and feature network."""
+    """One row per sampler (FID, KID with its spread over subsets, NFE, speed), then what the numbers
+    depend on: sample count, reference set and feature network."""
     labels = {"teacher_ddpm": "teacher, DDPM over all T steps",
               "teacher_ddim": "teacher, DDIM on the student's steps",
               "student": "student (SFDDM)"}
-    lines = ["| sampler | steps (NFE) | FID | images/s |", "| --- | ---: | ---: | ---: |"]
+    lines = ["| sampler | steps (NFE) | FID | KID | images/s |", "| --- | ---: | ---: | ---: | ---: |"]
     for name, fid in metrics["fid"].items():
         lines.append(f"| {labels.get(name, name)} | {metrics['nfe'][name]} | {fid:.2f} | "
+                     f"{metrics['kid'][name]:.4g} ± {metrics['kid_std'][name]:.2g} | "
                      f"{metrics['images_per_second'][name]:.1f} |")
     lines += [
         "",
-        f"Consistency ratio of the student with the teacher's DDIM over all T steps from the same noise: "
+        f"Consistency ratio of the student with the teacher's ODE (unclipped DDIM over all T steps) from the same noise: "
         f"**{metrics['consistency_ratio']:.3f}** (0: the same images; about 1: unrelated ones).",
         "",
         f"FID from {metrics['num_samples']} samples per sampler against {reference}, "

@@ -27,7 +27,7 @@ from . import config as config_lib
 from . import data, diffusion, distill, evaluate, fid, models, samplers, teacher
 from .config import Config
 from .errors import SfddmError
-from .io import resolve_device, sha256_file, sha256_tree, write_json
+from .io import atomic_file, resolve_device, sha256_file, sha256_files, write_json
 
 # One question per variant; each is the settings plus these overrides.
 SWEEP: dict[str, dict] = {
@@ -39,19 +39,37 @@ SWEEP: dict[str, dict] = {
     "spacing=leading": {"student.spacing": "leading"},
     "init=random": {"student.init": "random"},
     "init=copy": {"student.init": "copy"},
+    "sampler unclipped": {"student.clip_denoised": False},
     "objective=pointwise": {"distill.pointwise_weight": 1.0, "distill.trajectory_weight": 0.0},
     "objective=both": {"distill.pointwise_weight": 1.0, "distill.trajectory_weight": 1.0},
     "K=2": {"distill.substeps": 2},
+    "K=4": {"distill.substeps": 4},
     "K=32": {"distill.substeps": 32},
-    "lambda_h=0": {"distill.hidden_weight": 0.0},
+    "lambda_h=1": {"distill.hidden_weight": 1.0},
+    "lr constant": {"distill.lr_decay": "constant", "distill.warmup": 0},
+    "lr=2e-4": {"distill.lr": 2e-4},
+    "lr=1e-3": {"distill.lr": 1e-3},
+    "inputs=teacher_path": {"distill.inputs": "teacher_path"},
+    "step_sampling=loss": {"distill.step_sampling": "loss"},
     "clip_substeps": {"distill.clip_substeps": True},
+    "iterations=1900": {"distill.iterations": 1900},
     "progressive": {"distill.method": "progressive"},
     "progressive steps=10": {"distill.method": "progressive", "student.steps": 10},
     "progressive clip_substeps": {"distill.method": "progressive", "distill.clip_substeps": True},
 }
 # fast: minutes per variant on a 2-core CPU; full: the settings as they are (meant for a GPU).
 PROFILES = {"fast": {"distill.iterations": 200, "distill.batch_size": 64}, "full": {}}
+# The variants a profile runs unless --variants says otherwise. fast: every question but the long budget
+# (its 1900 updates are sized to progressive's full-profile compute); full: those the targets and the
+# defaults are decided on.
+PROFILE_VARIANTS = {
+    "fast": tuple(name for name in SWEEP if name != "iterations=1900"),
+    "full": ("base", "steps=2", "steps=10", "lambda_h=1", "lr constant", "inputs=teacher_path",
+             "step_sampling=loss", "iterations=1900", "progressive"),
+}
 CURVE_POINTS = 4            # FID evaluations along each distillation (the last at its end)
+RERUN_SEED_SETS = 4         # the final FIDs are measured on this many disjoint seed sets (the first: evaluate's)
+RERUN_SEED_STRIDE = 1_000_000   # seed set k is evaluate.seed + k * stride + (0 .. num_samples - 1)
 BACKWARD_COST = 2           # a backward pass counted as two forward passes in training compute
 
 
@@ -71,62 +89,122 @@ def compute_to_reach(curve: list[dict], target_fid: float) -> Optional[int]:
 
 
 class QualityBench:
-    """The shared pieces of a quality sweep: teacher, reference data, feature network, seeds, baselines."""
+    """The shared pieces of a quality sweep: teacher, reference data, feature network, seeds, baselines.
 
-    def __init__(self, cfg: Config, teacher_dir: Path, data_dir: Path, classifier: Path, teacher_samples: Path):
-        self.cfg, self.data_dir = cfg, data_dir
+    Besides the main seeds (evaluate.seed + k, those of `sfddm evaluate`), every final measurement is
+    repeated on RERUN_SEED_SETS - 1 other, disjoint sets of seeds: the spread of those reruns is the
+    noise of a number, which the report prints beside it and the targets are judged on the mean of.
+    """
+
+    def __init__(self, cfg: Config, teacher_dir: Path, data_dir: Path, classifier: Path, teacher_samples: Path,
+                 store: Path):
+        self.cfg, self.data_dir, self.store = cfg, data_dir, store
         self.device = resolve_device(cfg.device)
         self.teacher = models.load_model(teacher_dir)
-        self.teacher_sha256 = sha256_tree(teacher_dir)
+        self.teacher_sha256 = teacher_identity(teacher_dir)
         self.reference, _ = data.load_split(data_dir, "test")
         self.network = fid.feature_network(cfg.evaluate, classifier)
-        self.seeds = evaluate.seeds(cfg, cfg.evaluate.num_samples)
+        n = cfg.evaluate.num_samples
+        self.seed_sets = [evaluate.seeds(cfg, n) + k * RERUN_SEED_STRIDE for k in range(RERUN_SEED_SETS)]
         self.ddpm = evaluate.load_samples(teacher_samples / evaluate.SAMPLE_FILES["teacher_ddpm"])
         self.ddim_full = evaluate.load_samples(teacher_samples / evaluate.SAMPLE_FILES["teacher_ddim_full"])
-        if len(self.ddpm["images"]) != cfg.evaluate.num_samples:
+        if len(self.ddpm["images"]) != n:
             raise SfddmError(f"{teacher_samples}: holds {len(self.ddpm['images'])} samples, evaluate.num_samples "
-                             f"is {cfg.evaluate.num_samples}; rerun sfddm sample-teacher")
+                             f"is {n}; rerun sfddm sample-teacher")
 
-    def sample(self, model: models.DiffusionModel, timesteps=None) -> np.ndarray:
-        images, _ = samplers.generate(model, self.seeds, "ddim", timesteps, self.cfg.evaluate.batch_size,
-                                      self.device, desc=f"sampling {len(timesteps) if timesteps is not None else model.num_timesteps} steps")
+    def sample(self, model: models.DiffusionModel, timesteps=None, seed_set: int = 0, sampler: str = "ddim") -> np.ndarray:
+        steps = len(timesteps) if timesteps is not None else model.num_timesteps
+        images, _ = samplers.generate(model, self.seed_sets[seed_set], sampler, timesteps, self.cfg.evaluate.batch_size,
+                                      self.device, desc=f"{sampler}, {steps} steps, seed set {seed_set}")
         return data.to_uint8(images)
 
-    def fid(self, images: np.ndarray) -> float:
-        return round(fid.frechet_distance(self.network, self.reference, images,
-                                          batch_size=self.cfg.evaluate.batch_size, device=self.device), 4)
+    def distances(self, images: np.ndarray) -> dict[str, float]:
+        """FID, KID and KID's std over subsets against the test split (fid.image_distances)."""
+        d = fid.image_distances(self.network, self.reference, {"images": images},
+                                batch_size=self.cfg.evaluate.batch_size, device=self.device)["images"]
+        return {"fid": round(d["fid"], 4), "kid": round(d["kid"], 6), "kid_std": round(d["kid_std"], 6)}
+
+    def with_reruns(self, images_of_seed_set: Callable[[int], np.ndarray]) -> dict:
+        """distances() on the main seeds, plus "reruns": those of every seed set (the main one first)."""
+        reruns = [self.distances(images_of_seed_set(k)) for k in range(RERUN_SEED_SETS)]
+        return {**reruns[0], "reruns": reruns}
+
+    def ddpm_images(self, seed_set: int) -> np.ndarray:
+        """The teacher's T-step DDPM samples: the stored ones for the main seeds, others made once and
+        kept in the store (they cost T network evaluations per image)."""
+        if seed_set == 0:
+            return self.ddpm["images"]
+        path = self.store / f"teacher_ddpm-{self.teacher_sha256[:16]}-{self.seed_sets[seed_set][0]}-{len(self.seed_sets[0])}.npz"
+        if not path.is_file():
+            images = self.sample(self.teacher, None, seed_set, "ddpm")
+            with atomic_file(path, "wb") as handle:
+                np.savez(handle, images=images, seconds=0.0, nfe=self.teacher.num_timesteps)
+        return evaluate.load_samples(path)["images"]
 
     def baselines(self, variants: dict[str, dict]) -> dict:
-        """The teacher's DDPM over T steps, and its DDIM on the timesteps of each variant."""
-        rows = {"teacher_ddpm": {"nfe": self.teacher.num_timesteps, "fid": self.fid(self.ddpm["images"])}}
+        """The teacher's DDPM over T steps, its DDIM on the timesteps of each variant, and, for each
+        SFDDM variant with a trajectory term, the teacher's unclipped DDIM along the path its targets
+        take (K sub-steps per student step): the sampler a perfect student would copy."""
+        rows = {"teacher_ddpm": {"nfe": self.teacher.num_timesteps, **self.with_reruns(self.ddpm_images)}}
         for variant in variants.values():
             name = ddim_baseline_name(variant)
             if name not in rows:
+                phi = np.asarray(variant["phi"])
                 rows[name] = {"nfe": variant["nfe"], "phi": variant["phi"],
-                              "fid": self.fid(self.sample(self.teacher, np.asarray(variant["phi"])))}
+                              **self.with_reruns(lambda k: self.sample(self.teacher, phi, k))}
+            d = variant["settings"]["distill"]
+            if d["method"] == "sfddm" and d["trajectory_weight"]:
+                path = target_path(np.asarray(variant["phi"]), d["substeps"])
+                name = f"teacher ODE {len(path)} (K = {d['substeps']} path)"
+                if name not in rows:
+                    ode = models.DiffusionModel(self.teacher.unet, self.teacher.alphas_cumprod, clip_denoised=False)
+                    rows[name] = {"nfe": len(path), **self.with_reruns(lambda k: self.sample(ode, path, k))}
         return rows
 
     def run_variant(self, cfg: Config) -> dict:
-        """Distil one student, with an FID curve along the way; FID, consistency and compute at the end."""
+        """Distil one student, with an FID curve along the way; FID (with reruns), consistency and
+        compute at the end."""
         schedule = distill.StudentSchedule(cfg.student_timesteps, self.teacher.alphas_cumprod)
         dc = cfg.distill
         updates_per_curve = max(1, dc.iterations // CURVE_POINTS)
 
-        def student_fid(unet) -> dict:
-            return {"fid": self.fid(self.sample(models.DiffusionModel(unet, schedule.abar_student)))}
+        def student(unet) -> models.DiffusionModel:
+            return models.DiffusionModel(unet, schedule.abar_student, cfg.student.clip_denoised)
 
-        unet, _, log = distill.distill(cfg, self.teacher, self.data_dir, student_fid, updates_per_curve)
+        def student_distances(unet) -> dict:
+            return self.distances(self.sample(student(unet)))
+
+        unet, _, log = distill.distill(cfg, self.teacher, self.data_dir, student_distances, updates_per_curve)
         compute = distill.training_compute(log)
-        curve = [{"updates": entry["step"] + 1, "fid": entry["fid"], "seconds": entry["seconds"],
+        curve = [{"updates": entry["step"] + 1, "fid": entry["fid"], "kid": entry["kid"],
+                  "kid_std": entry["kid_std"], "seconds": entry["seconds"],
                   "compute": forward_equivalents({"teacher_forwards": entry["teacher_forwards"],
                                                   "student_updates": entry["step"] + 1}, dc.batch_size)}
                  for entry in log if "fid" in entry]
-        student = models.DiffusionModel(unet, schedule.abar_student)
-        images = self.sample(student)
+        images = self.sample(student(unet))
         consistency = evaluate.consistency_ratio(self.ddim_full["images"], images[:len(self.ddim_full["images"])])
-        return {"fid": curve[-1]["fid"], "consistency_ratio": round(consistency, 4), "nfe": len(schedule.phi),
+        final = self.with_reruns(lambda k: images if k == 0 else self.sample(student(unet), None, k))
+        return {**final, "consistency_ratio": round(consistency, 4), "nfe": len(schedule.phi),
                 "phi": schedule.phi.tolist(), "compute": {**compute, "forward_equivalents": curve[-1]["compute"]},
                 "curve": curve}
+
+
+def teacher_identity(teacher_dir: Path) -> str:
+    """sha256 over the files that decide what the teacher computes: its UNet (weights, architecture) and
+    its scheduler. Not its provenance files (sfddm.json, the resolved config saved beside it), which
+    change with settings the teacher does not depend on."""
+    digest = hashlib.sha256()
+    for name, file_digest in sha256_files(teacher_dir).items():
+        if name.startswith(("unet/", "scheduler/")):
+            digest.update(name.encode() + b"\0" + file_digest.encode())
+    return digest.hexdigest()
+
+
+def target_path(phi: np.ndarray, substeps: int) -> np.ndarray:
+    """The teacher timesteps the trajectory targets visit: K DDIM sub-steps from each phi_i to phi_{i-1}."""
+    previous = np.concatenate([[-1], phi[:-1]])
+    steps = np.concatenate([diffusion.teacher_path(t, s, substeps)[:-1] for t, s in zip(phi, previous)])
+    return np.unique(steps)
 
 
 def ddim_baseline_name(variant: dict) -> str:
@@ -135,7 +213,7 @@ def ddim_baseline_name(variant: dict) -> str:
 
 
 def settings_hash(cfg: Config, teacher_sha256: str) -> str:
-    """What a stored variant result depends on: its settings, the teacher, and the library's code (all
+    """What a stored variant result depends on: its settings, the teacher (teacher_identity), and the library's code (all
     modules but the benchmark's own and the CLI), so a code change reruns the sweep."""
     library = Path(__file__).parent
     code = {path.name: sha256_file(path) for path in sorted(library.glob("*.py"))
@@ -151,11 +229,11 @@ def quality(cfg: Config, teacher_dir: Path, data_dir: Path, classifier: Path, te
     unknown = sorted(set(variants or []) - set(SWEEP))
     if unknown:
         raise SfddmError(f"--variants: unknown {unknown}; expected names from {list(SWEEP)}")
-    bench = QualityBench(cfg, teacher_dir, data_dir, classifier, teacher_samples)
-    configs = {name: variant_config(cfg, profile, overrides) for name, overrides in SWEEP.items()
-               if not variants or name in variants}
     store = out_dir / "bench" / "quality"
     store.mkdir(parents=True, exist_ok=True)
+    bench = QualityBench(cfg, teacher_dir, data_dir, classifier, teacher_samples, store)
+    chosen = variants or PROFILE_VARIANTS[profile]
+    configs = {name: variant_config(cfg, profile, overrides) for name, overrides in SWEEP.items() if name in chosen}
     results = {}
     for name, variant in configs.items():
         path = store / f"{settings_hash(variant, bench.teacher_sha256)}.json"
@@ -169,6 +247,7 @@ def quality(cfg: Config, teacher_dir: Path, data_dir: Path, classifier: Path, te
         results[name] = result
     report = {"profile": profile, "overrides": PROFILES[profile], "machine": machine(bench.device),
               "feature_network": bench.network.label, "num_samples": cfg.evaluate.num_samples,
+              "rerun_seed_sets": RERUN_SEED_SETS,
               "teacher_sha256": bench.teacher_sha256, "baselines": bench.baselines(results),
               "variants": results}
     write_json(out_dir / "bench" / f"quality-{profile}.json", report)

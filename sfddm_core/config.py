@@ -60,6 +60,7 @@ class StudentConfig:
     steps: int = 4
     spacing: Union[str, tuple[int, ...]] = "trailing"   # leading | trailing | explicit teacher steps
     init: str = "teacher"               # teacher | random | copy (teacher weights, time embedding as is)
+    clip_denoised: bool = True          # the student's DDIM clips x0-hat at every step (else at the end only)
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,15 @@ class DistillConfig:
     method: str = "sfddm"               # sfddm | progressive (Salimans & Ho 2022, for comparison)
     loss: str = "l2"                    # l1 | l2: distance of the pointwise output and feature terms
     pointwise_weight: float = 0.0       # |eps_S(x', i) - eps_T(x', phi_i)|
-    hidden_weight: float = 1.0          # lambda_h: |h_S - h_T|, h = input of conv_out
+    hidden_weight: float = 0.0          # lambda_h: |h_S - h_T|, h = input of conv_out
     trajectory_weight: float = 1.0      # |eps_S - eps*|^2, eps* from K teacher DDIM sub-steps
     substeps: int = 8                   # K
     clip_substeps: bool = False         # clip the teacher's x0-hat at its sub-steps (all but the last)
-    lr: float = 2e-4
+    inputs: str = "forward_process"     # forward_process: x' ~ q(x | x0) | teacher_path: the teacher's DDIM states
+    step_sampling: str = "uniform"      # uniform | loss: student steps drawn by sqrt of their running loss
+    lr: float = 5e-4
+    warmup: int = 30                    # updates of linear learning-rate warm-up
+    lr_decay: str = "cosine"            # constant | cosine (to 0 at the last update)
     batch_size: int = 128
     iterations: int = 600               # progressive: updates per fold
     ema_decay: float = 0.999
@@ -122,6 +127,9 @@ CHOICES = {
     "student.init": ("teacher", "random", "copy"),
     "distill.method": ("sfddm", "progressive"),
     "distill.loss": ("l1", "l2"),
+    "distill.inputs": ("forward_process", "teacher_path"),
+    "distill.step_sampling": ("uniform", "loss"),
+    "distill.lr_decay": ("constant", "cosine"),
     "evaluate.feature_network": ("classifier", "inception"),
 }
 POSITIVE = {"data.image_size", "data.max_images", "teacher.num_train_timesteps", "teacher.lr",
@@ -130,7 +138,7 @@ POSITIVE = {"data.image_size", "data.max_images", "teacher.num_train_timesteps",
             "distill.batch_size", "distill.iterations", "evaluate.num_samples", "evaluate.batch_size", "evaluate.consistency_samples",
             "evaluate.classifier_iterations", "registry.max_fid",
             "teacher.grad_clip", "distill.grad_clip"}
-NON_NEGATIVE = {"seed", "evaluate.seed", "distill.pointwise_weight", "distill.hidden_weight",
+NON_NEGATIVE = {"seed", "evaluate.seed", "distill.pointwise_weight", "distill.hidden_weight", "distill.warmup",
                 "distill.trajectory_weight", "teacher.checkpoint_every", "distill.checkpoint_every"}
 UNIT_INTERVAL = {"data.test_fraction", "teacher.ema_decay", "distill.ema_decay"}
 TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
@@ -216,6 +224,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"teacher.num_train_timesteps: {cfg.teacher.num_train_timesteps} makes the "
                               f"{cfg.teacher.beta_schedule} schedule's last beta {last_beta:.3g}; expected "
                               "a beta below 1 (the linear schedule needs T > 20)")
+    if cfg.distill.inputs == "teacher_path" and (cfg.distill.pointwise_weight or cfg.distill.hidden_weight):
+        raise ConfigError("distill.inputs: teacher_path trains the trajectory term alone, expected "
+                          "distill.pointwise_weight and distill.hidden_weight 0, got "
+                          f"{cfg.distill.pointwise_weight} and {cfg.distill.hidden_weight}")
     unet = cfg.teacher.unet
     if len(unet.attention) != len(unet.block_out_channels):
         raise ConfigError(f"teacher.unet.attention: expected {len(unet.block_out_channels)} entries, one "

@@ -11,7 +11,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -64,15 +64,13 @@ def trajectory_loss(eps_student, eps_target) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ddim_path_eps_target(teacher_unet, x: torch.Tensor, paths: np.ndarray, abar: np.ndarray,
-                         first_eps: torch.Tensor, clip: bool) -> torch.Tensor:
-    """eps* for one student step t -> s, from the teacher's DDIM steps along paths[b] = (t, ..., s).
+def ddim_path(teacher_unet, x: torch.Tensor, paths: np.ndarray, abar: np.ndarray, first_eps: torch.Tensor,
+              clip: bool) -> torch.Tensor:
+    """Where the teacher's DDIM steps along paths[b] = (t, ..., s) take x: x_target at s.
 
     With clip, the teacher clips x0-hat at every sub-step but the last: that one's clipping is the
-    student's own sampler's to apply, so for a one-step path eps* is the teacher's eps exactly. Then
-    x0* = (x_target - r x') / (sqrt(abar_s) - r sqrt(abar_t)), r = sqrt((1 - abar_s) / (1 - abar_t)),
-    and eps* = (x' - sqrt(abar_t) x0*) / sqrt(1 - abar_t). A sub-step from a timestep to itself is a no-op.
-    first_eps is the teacher's eps at (x, t), which the caller has already computed.
+    student's own sampler's to apply. A sub-step from a timestep to itself is a no-op. first_eps is the
+    teacher's eps at (x, t), which the caller has already computed.
     """
     substeps = paths.shape[1] - 1
     x_target = x
@@ -83,9 +81,21 @@ def ddim_path_eps_target(teacher_unet, x: torch.Tensor, paths: np.ndarray, abar:
         stepped = diffusion.ddim_step(x_target, eps, diffusion.abar_at(abar, u), diffusion.abar_at(abar, v),
                                       clip=clip and k < substeps - 1)
         x_target = torch.where(moving, stepped, x_target)
-    t, s = paths[:, 0], paths[:, -1]
-    x0_star = diffusion.x0_landing_on(x, x_target, abar[t], diffusion.abar_at(abar, s))
-    return diffusion.predict_eps(x, x0_star, abar[t])
+    return x_target
+
+
+def eps_landing_on(x: torch.Tensor, x_target: torch.Tensor, abar_t, abar_s) -> torch.Tensor:
+    """eps* whose one unclipped DDIM step from x (at t) lands on x_target (at s):
+    x0* = (x_target - r x) / (sqrt(abar_s) - r sqrt(abar_t)), r = sqrt((1 - abar_s) / (1 - abar_t)),
+    eps* = (x - sqrt(abar_t) x0*) / sqrt(1 - abar_t). For a one-step path eps* is the teacher's eps."""
+    return diffusion.predict_eps(x, diffusion.x0_landing_on(x, x_target, abar_t, abar_s), abar_t)
+
+
+def ddim_path_eps_target(teacher_unet, x: torch.Tensor, paths: np.ndarray, abar: np.ndarray,
+                         first_eps: torch.Tensor, clip: bool) -> torch.Tensor:
+    """eps* for one student step t -> s, from the teacher's DDIM steps along paths[b] = (t, ..., s)."""
+    x_target = ddim_path(teacher_unet, x, paths, abar, first_eps, clip)
+    return eps_landing_on(x, x_target, abar[paths[:, 0]], diffusion.abar_at(abar, paths[:, -1]))
 
 
 def trajectory_eps_target(teacher_unet, x: torch.Tensor, i: np.ndarray, schedule: StudentSchedule,
@@ -97,8 +107,10 @@ def trajectory_eps_target(teacher_unet, x: torch.Tensor, i: np.ndarray, schedule
 
 
 def distillation_loss(student_unet, teacher_unet, x0: torch.Tensor, eps: torch.Tensor, i: np.ndarray,
-                      schedule: StudentSchedule, cfg: DistillConfig) -> dict[str, torch.Tensor]:
-    """The SFDDM objective on one batch; returns the total ("loss") and each weighted term's value."""
+                      schedule: StudentSchedule, cfg: DistillConfig,
+                      observe: Optional[Callable[[np.ndarray, np.ndarray], None]] = None) -> dict[str, torch.Tensor]:
+    """The SFDDM objective on one batch; returns the total ("loss") and each weighted term's value.
+    observe(i, loss of each example), if given, sees the trajectory term per example (StepSampler)."""
     x = diffusion.q_sample(x0, eps, schedule.abar_student[i])           # == the teacher's x_{phi_i}
     device = x.device
     with torch.no_grad():
@@ -113,10 +125,46 @@ def distillation_loss(student_unet, teacher_unet, x0: torch.Tensor, eps: torch.T
     if cfg.trajectory_weight:
         eps_star = trajectory_eps_target(teacher_unet, x, i, schedule, cfg.substeps, eps_t, cfg.clip_substeps)
         terms["trajectory"] = trajectory_loss(eps_s, eps_star)
+        if observe is not None:
+            observe(i, (eps_s.detach() - eps_star).pow(2).flatten(1).mean(1).cpu().numpy())
     weights = {"pointwise": cfg.pointwise_weight, "hidden": cfg.hidden_weight,
                "trajectory": cfg.trajectory_weight}
     total = sum(weights[name] * value for name, value in terms.items())
     return {"loss": total, **terms}
+
+
+@torch.no_grad()
+def teacher_path_targets(teacher_unet, x0: torch.Tensor, eps: torch.Tensor, schedule: StudentSchedule,
+                         substeps: int, clip: bool) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+    """Student inputs on the teacher's own DDIM path, with their eps*: (x, i, eps*) for every step i.
+
+    Each example starts at x_{phi_{T'-1}} = q(x | x0) and follows the teacher's K sub-steps per segment
+    phi_i -> phi_{i-1} down to the data, so the student learns on the states its sampler will visit (the
+    teacher's ODE states) rather than on the forward marginal, and one path serves all T' steps: K
+    teacher evaluations per training pair, as for inputs drawn from the forward process.
+    """
+    x = diffusion.q_sample(x0, eps, schedule.abar_student[-1])
+    inputs, steps, targets = [], [], []
+    for i in reversed(range(len(schedule.phi))):
+        t, s = schedule.phi[i], int(schedule.previous_teacher_step(np.array(i)))
+        path = np.tile(diffusion.teacher_path(t, s, substeps), (len(x), 1))
+        first_eps = teacher_unet(x, torch.full((len(x),), t, device=x.device)).sample
+        x_target = ddim_path(teacher_unet, x, path, schedule.abar_teacher, first_eps, clip)
+        inputs.append(x)
+        steps.append(np.full(len(x), i))
+        targets.append(eps_landing_on(x, x_target, schedule.abar_teacher[t],
+                                      diffusion.abar_at(schedule.abar_teacher, s)))
+        x = x_target
+    return torch.cat(inputs), np.concatenate(steps), torch.cat(targets)
+
+
+def teacher_path_loss(student_unet, teacher_unet, x0: torch.Tensor, eps: torch.Tensor,
+                      schedule: StudentSchedule, cfg: DistillConfig) -> dict[str, torch.Tensor]:
+    """The trajectory term on inputs from the teacher's own path (teacher_path_targets): len(x0) paths,
+    len(x0) * T' training pairs."""
+    x, i, eps_star = teacher_path_targets(teacher_unet, x0, eps, schedule, cfg.substeps, cfg.clip_substeps)
+    loss = trajectory_loss(student_unet(x, torch.as_tensor(i, device=x.device)).sample, eps_star)
+    return {"loss": cfg.trajectory_weight * loss, "trajectory": loss}
 
 
 def progressive_loss(student_unet, teacher_unet, x0: torch.Tensor, eps: torch.Tensor, j: np.ndarray,
@@ -194,6 +242,31 @@ def initial_student(teacher_unet, phi: np.ndarray, init: str, seed: int):
     return student_unet.requires_grad_(True)
 
 
+class StepSampler:
+    """Draws each example's student step i: uniformly, or (distill.step_sampling: loss) with probability
+    proportional to sqrt of the step's running mean trajectory loss, as improved-diffusion's
+    LossSecondMomentResampler weighs timesteps but without its 1 / p reweighting, so that training leans
+    toward the steps the student finds hardest. The running means start equal (uniform sampling)."""
+    def __init__(self, steps: int, weighted: bool, decay: float = 0.9):
+        self.mean_loss, self.weighted, self.decay = np.ones(steps), weighted, decay
+
+    def draw(self, rng: np.random.Generator, size: int) -> np.ndarray:
+        if not self.weighted:
+            return rng.integers(0, len(self.mean_loss), size)
+        p = np.sqrt(self.mean_loss)
+        return rng.choice(len(p), size, p=p / p.sum())
+
+    def observe(self, i: np.ndarray, losses: np.ndarray) -> None:
+        for step in np.unique(i):
+            self.mean_loss[step] = self.decay * self.mean_loss[step] + (1 - self.decay) * losses[i == step].mean()
+
+    def state_dict(self) -> dict:               # saved with a training checkpoint
+        return {"mean_loss": self.mean_loss.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean_loss = np.asarray(state["mean_loss"], dtype=np.float64)
+
+
 class ForwardCount:
     """Images passed through a network's forward calls while watched: the teacher side of training
     compute. The hook is removed on leaving `watching`, so copies made afterwards do not carry it."""
@@ -240,25 +313,29 @@ def distill(cfg: Config, teacher: models.DiffusionModel, data_dir: Path, evaluat
     teacher_unet = teacher.unet.to(device).eval().requires_grad_(False)
     dc = cfg.distill
 
-    def batch(rng):
-        x0 = x_train[torch.as_tensor(rng.integers(0, len(x_train), dc.batch_size), device=device)]
+    def batch(rng, size=dc.batch_size):
+        x0 = x_train[torch.as_tensor(rng.integers(0, len(x_train), size), device=device)]
         return x0, torch.randn_like(x0)
 
     if dc.method == "progressive":
         return progressive_distill(cfg, teacher_unet, schedule, batch, evaluate, evaluate_every, checkpoint)
     student_unet = initial_student(teacher_unet, schedule.phi, cfg.student.init, cfg.seed).to(device)
-    forwards = ForwardCount()
+    forwards, steps = ForwardCount(), StepSampler(cfg.student.steps, dc.step_sampling == "loss")
 
     def loss_fn(step, rng):
-        x0, eps = batch(rng)
-        i = rng.integers(0, cfg.student.steps, dc.batch_size)
-        terms = distillation_loss(student_unet, teacher_unet, x0, eps, i, schedule, dc)
+        if dc.inputs == "teacher_path":         # batch_size training pairs from batch_size / T' paths
+            x0, eps = batch(rng, max(1, dc.batch_size // cfg.student.steps))
+            terms = teacher_path_loss(student_unet, teacher_unet, x0, eps, schedule, dc)
+        else:
+            x0, eps = batch(rng)
+            i = steps.draw(rng, dc.batch_size)
+            terms = distillation_loss(student_unet, teacher_unet, x0, eps, i, schedule, dc, steps.observe)
         return {**terms, "teacher_forwards": forwards.images}
 
     with forwards.watching(teacher_unet):
-        ema_unet, log = fit(student_unet, loss_fn, dc.iterations, dc.lr, dc.ema_decay, cfg.seed, desc="distill",
+        ema_unet, log = fit(student_unet, loss_fn, dc.iterations, learning_rate(dc), dc.ema_decay, cfg.seed, desc="distill",
                             evaluate_every=evaluate_every, evaluate=evaluate, grad_clip=dc.grad_clip,
-                            checkpoint=checkpoint and dataclasses.replace(checkpoint, extra=(forwards,)))
+                            checkpoint=checkpoint and dataclasses.replace(checkpoint, extra=(forwards, steps)))
     return ema_unet.cpu(), schedule.betas, log
 
 
@@ -299,7 +376,7 @@ def progressive_distill(cfg: Config, teacher_unet, schedule: StudentSchedule, ba
             fold_checkpoint = dataclasses.replace(
                 fold_checkpoint, path=checkpoint.path.with_name(f"state-fold{fold}.pt"), remove_at_end=True)
         with forwards.watching(fold_teacher):
-            ema_unet, fold_log = fit(student_unet, loss_fn, dc.iterations, dc.lr, dc.ema_decay, cfg.seed + fold,
+            ema_unet, fold_log = fit(student_unet, loss_fn, dc.iterations, learning_rate(dc), dc.ema_decay, cfg.seed + fold,
                                      desc=f"fold {fold + 1}/{len(grids) - 1}: {len(fine)} -> {len(coarse)} steps",
                                      evaluate_every=evaluate_every if last else 0,
                                      evaluate=evaluate if last else None, grad_clip=dc.grad_clip,
@@ -309,6 +386,11 @@ def progressive_distill(cfg: Config, teacher_unet, schedule: StudentSchedule, ba
                  "seconds": round(seconds + entry["seconds"], 3)} for entry in fold_log]
         fold_teacher = ema_unet.eval().requires_grad_(False)
     return fold_teacher.cpu(), schedule.betas, log
+
+
+def learning_rate(dc: DistillConfig):
+    """The learning rate of each update of a distillation (of each fold, for progressive)."""
+    return training.learning_rate(dc.lr, dc.iterations, dc.warmup, dc.lr_decay)
 
 
 def training_compute(log: list[dict]) -> dict:
@@ -342,7 +424,7 @@ def run(cfg: Config, teacher_dir: Path, data_dir: Path, out_dir: Path, loss_csv:
     }
     with atomic_dir(out_dir) as tmp:
         config_lib.save(cfg, tmp / "sfddm_config.yaml")     # first: sfddm.json hashes the files before it
-        models.save_student(student_unet, betas, tmp, provenance)
+        models.save_student(student_unet, betas, tmp, provenance, cfg.student.clip_denoised)
     write_loss_csv(log, loss_csv)
     if checkpoint is not None:
         checkpoint.remove()

@@ -36,8 +36,9 @@ def load_samples(path: Path) -> dict:
 
 
 def sample_teacher(cfg: Config, teacher_dir: Path, out_dir: Path) -> Path:
-    """sfddm sample-teacher: the teacher's DDPM over all T steps (the quality ceiling) and its DDIM over
-    all T steps on the first consistency_samples seeds (the reference for semantic consistency)."""
+    """sfddm sample-teacher: the teacher's DDPM over all T steps (the quality ceiling) and its
+    probability-flow ODE on the first consistency_samples seeds (the reference for semantic consistency):
+    DDIM over all T steps with x0-hat unclipped, so that it follows the ODE, clipped only at the end."""
     device, ec = resolve_device(cfg.device), cfg.evaluate
     teacher = models.load_model(teacher_dir)
     T = teacher.num_timesteps
@@ -47,7 +48,7 @@ def sample_teacher(cfg: Config, teacher_dir: Path, out_dir: Path) -> Path:
         save_samples(tmp / SAMPLE_FILES["teacher_ddpm"], images, seconds, T)
         images, seconds = samplers.generate(teacher, seeds(cfg, ec.consistency_samples), "ddim",
                                             batch_size=ec.batch_size, device=device,
-                                            desc=f"teacher DDIM, {T} steps")
+                                            desc=f"teacher ODE (unclipped DDIM), {T} steps", clip_denoised=False)
         save_samples(tmp / SAMPLE_FILES["teacher_ddim_full"], images, seconds, T)
     return out_dir
 
@@ -123,11 +124,12 @@ def evaluate(cfg: Config, teacher_dir: Path, student_dir: Path, teacher_samples:
         runs[name] = (data.to_uint8(images), seconds, len(phi))
     reference, _ = data.load_split(data_dir, "test")
     network = fid.feature_network(ec, classifier_path)
-    fids = fid.frechet_distances(network, reference, {name: run[0] for name, run in runs.items()},
-                                 batch_size=ec.batch_size, device=device)
+    distances = fid.image_distances(network, reference, {name: run[0] for name, run in runs.items()},
+                                    batch_size=ec.batch_size, device=device)
     reference_full = stored["teacher_ddim_full"]["images"]
     metrics = {
-        "fid": {name: round(value, 4) for name, value in fids.items()},
+        **{key: {name: round(d[key], 4 if key == "fid" else 6) for name, d in distances.items()}
+           for key in ("fid", "kid", "kid_std")},
         "nfe": {name: run[2] for name, run in runs.items()},
         "images_per_second": {name: round(len(run[0]) / run[1], 2) for name, run in runs.items()},
         "consistency_ratio": round(consistency_ratio(reference_full,

@@ -1,4 +1,4 @@
-"""Frechet distances between image sets, computed by torchmetrics on a chosen feature network.
+"""Frechet and kernel distances (FID, KID) between image sets, by torchmetrics on a chosen feature network.
 
 Inception weights cannot be downloaded everywhere, so besides Inception-v3 (pool3, the standard FID) the
 feature network can be a small classifier trained offline on the train split: the numbers are then only
@@ -8,6 +8,7 @@ that goes into each output next to the sample counts.
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm import tqdm
 
 from . import data, io
@@ -193,44 +195,67 @@ def feature_network(cfg: EvaluateConfig, classifier_path: Union[str, Path]) -> n
     return ClassifierFeatures(classifier, label)
 
 
+KID_SUBSETS = 100       # torchmetrics' default; KID's mean and std are over this many random subsets
+
+
 def frechet_distance(feature_net: nn.Module, real_uint8: np.ndarray, fake_uint8: np.ndarray,
                      batch_size: int = 250, device: Device = "cpu") -> float:
-    return frechet_distances(feature_net, real_uint8, {"fake": fake_uint8}, batch_size, device)["fake"]
+    return image_distances(feature_net, real_uint8, {"fake": fake_uint8}, batch_size, device)["fake"]["fid"]
 
 
-def frechet_distances(feature_net: nn.Module, real_uint8: np.ndarray, fakes: dict[str, np.ndarray],
-                      batch_size: int = 250, device: Device = "cpu") -> dict[str, float]:
-    """FID of each fake set against one reference set, whose features are extracted only once."""
+def image_distances(feature_net: nn.Module, real_uint8: np.ndarray, fakes: dict[str, np.ndarray],
+                    batch_size: int = 250, device: Device = "cpu", seed: int = 0) -> dict[str, dict[str, float]]:
+    """FID and KID of each fake set against one reference set, on features extracted once per set.
+
+    FID (torchmetrics' FrechetInceptionDistance) is biased upward at small n; KID (torchmetrics'
+    KernelInceptionDistance: the unbiased MMD^2 of a cubic polynomial kernel) is not, so it is reported
+    beside it: its mean and std over KID_SUBSETS random subsets of half of each set (drawn from `seed`,
+    so the numbers repeat). Returns {name: {"fid", "kid", "kid_std"}}.
+    """
     _check_images("reference set", real_uint8, real_uint8.shape[1:])
     for name, fake in fakes.items():
         _check_images(f"sample set {name!r}", fake, real_uint8.shape[1:])
-    metric = FrechetInceptionDistance(feature=_Float64Features(feature_net), reset_real_features=False)
-    metric = metric.to(device)
-    _update(metric, real_uint8, True, batch_size, "reference")
+    real = _features(feature_net, real_uint8, batch_size, device, "reference")
+    passthrough = _Features(real.shape[1])
+    frechet = FrechetInceptionDistance(feature=passthrough, reset_real_features=False)
+    frechet.update(real, real=True)
     distances = {}
-    for name, fake in fakes.items():
-        _update(metric, fake, False, batch_size, name)
-        distances[name] = float(metric.compute())
-        metric.reset()      # drops the fake features only (reset_real_features=False)
+    for name, fake_uint8 in fakes.items():
+        fake = _features(feature_net, fake_uint8, batch_size, device, name)
+        frechet.update(fake, real=False)
+        with warnings.catch_warnings():      # that it keeps all features: they are what we hand it
+            warnings.filterwarnings("ignore", message=".*will save all extracted features")
+            kernel = KernelInceptionDistance(feature=passthrough, subsets=KID_SUBSETS,
+                                             subset_size=min(len(real), len(fake)) // 2)
+        kernel.update(real, real=True)
+        kernel.update(fake, real=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            kid, kid_std = kernel.compute()
+        distances[name] = {"fid": float(frechet.compute()), "kid": float(kid), "kid_std": float(kid_std)}
+        frechet.reset()      # drops the fake features only (reset_real_features=False)
     return distances
 
 
-class _Float64Features(nn.Module):
-    """Hands torchmetrics float64 features, so that its result is not rounded back to float32."""
+class _Features(nn.Module):
+    """What torchmetrics' metrics see as their feature network: features already extracted (float64,
+    so that results are not rounded back to float32) pass through unchanged."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, num_features: int):
         super().__init__()
-        self.net = net
-        self.num_features = int(net.num_features)
+        self.num_features = num_features
 
-    def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        return self.net(images_uint8).double()
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
 
 
-def _update(metric: FrechetInceptionDistance, images: np.ndarray, real: bool, batch_size: int, what: str) -> None:
+@torch.no_grad()
+def _features(feature_net: nn.Module, images: np.ndarray, batch_size: int, device: Device, what: str) -> torch.Tensor:
+    """The feature network's outputs for uint8 images, float64 on the CPU."""
+    feature_net = feature_net.to(device)
     starts = range(0, len(images), batch_size)
-    for start in tqdm(starts, desc=f"features: {what}", unit="batch", disable=len(starts) < 4):
-        metric.update(torch.from_numpy(images[start:start + batch_size]).to(metric.device), real=real)
+    return torch.cat([feature_net(torch.from_numpy(images[start:start + batch_size]).to(device)).double().cpu()
+                      for start in tqdm(starts, desc=f"features: {what}", unit="batch", disable=len(starts) < 4)])
 
 
 def _check_images(what: str, images: np.ndarray, chw: tuple) -> None:

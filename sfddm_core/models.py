@@ -31,9 +31,11 @@ S3_MAX_ATTEMPTS = 5         # tries per S3 request, the first included, unless A
 
 @dataclass
 class DiffusionModel:
-    """An eps-prediction UNet and its own noise schedule (abar over its own timesteps, float64)."""
+    """An eps-prediction UNet, its own noise schedule (abar over its own timesteps, float64) and whether
+    its samplers clip x0-hat at every step (its scheduler's clip_sample) or only the final image."""
     unet: UNet2DModel
     alphas_cumprod: np.ndarray
+    clip_denoised: bool = True
 
     @property
     def num_timesteps(self) -> int:
@@ -84,15 +86,17 @@ def save_teacher(model: DiffusionModel, out_dir: Path) -> None:
     write_manifest(out_dir, {})
 
 
-def student_scheduler(betas: np.ndarray) -> DDIMScheduler:
-    """A DDIM scheduler over the student's own T' steps: asked for T' inference steps it visits T'-1..0."""
+def student_scheduler(betas: np.ndarray, clip_sample: bool) -> DDIMScheduler:
+    """A DDIM scheduler over the student's own T' steps: asked for T' inference steps it visits T'-1..0.
+    clip_sample False: x0-hat is clipped only where DDIMPipeline clamps the final image."""
     return DDIMScheduler(num_train_timesteps=len(betas), trained_betas=betas.tolist(),
-                         prediction_type="epsilon", clip_sample=True, set_alpha_to_one=True,
+                         prediction_type="epsilon", clip_sample=clip_sample, set_alpha_to_one=True,
                          steps_offset=0, timestep_spacing="leading")
 
 
-def save_student(unet: UNet2DModel, betas: np.ndarray, out_dir: Path, provenance: dict) -> None:
-    DDIMPipeline(unet=unet, scheduler=student_scheduler(betas)).save_pretrained(out_dir)
+def save_student(unet: UNet2DModel, betas: np.ndarray, out_dir: Path, provenance: dict,
+                 clip_sample: bool) -> None:
+    DDIMPipeline(unet=unet, scheduler=student_scheduler(betas, clip_sample)).save_pretrained(out_dir)
     write_manifest(out_dir, provenance)
 
 
@@ -179,7 +183,7 @@ def load_model(folder: Path) -> DiffusionModel:
     if unet.config.out_channels != unet.config.in_channels:
         raise SfddmError(f"{folder / 'unet'}: out_channels {unet.config.out_channels} != in_channels "
                          f"{unet.config.in_channels}; expected an eps-prediction UNet")
-    return DiffusionModel(unet.eval(), diffusion.alphas_cumprod(betas))
+    return DiffusionModel(unet.eval(), diffusion.alphas_cumprod(betas), bool(scheduler_config.get("clip_sample", True)))
 
 
 def fetch_s3_prefix(uri: str, dest: Path, endpoint_url: Optional[str] = None) -> Path:

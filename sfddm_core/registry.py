@@ -2,6 +2,7 @@
 
 Every version carries its evidence as tags, set when the version is created (VERSION_TAGS):
     fid.student, fid.teacher_ddim, fid.teacher_ddpm   FIDs from metrics/evaluate.json
+    kid.*, kid_std.*                                  KIDs (unbiased) and their spread, same three
     feature_network, num_samples                      what the FIDs were measured with
     T, T_student, spacing                             teacher steps, student steps T', step map
     teacher_sha256, data_sha256, student_sha256       provenance hashes
@@ -34,9 +35,10 @@ from .errors import SfddmError
 DEFAULT_MODEL_NAME = "sfddm-student"
 CHALLENGER, CHAMPION = "challenger", "champion"
 FID_KEYS = ("student", "teacher_ddim", "teacher_ddpm")
+DISTANCES = ("fid", "kid", "kid_std")                       # metrics/evaluate.json's sections, each over FID_KEYS
 FID_TAG = "fid.student"
 COMPARABILITY_TAGS = ("feature_network", "num_samples")     # FIDs compare only when these agree
-VERSION_TAGS = (*(f"fid.{key}" for key in FID_KEYS), *COMPARABILITY_TAGS, "T", "T_student", "spacing",
+VERSION_TAGS = (*(f"{d}.{key}" for d in DISTANCES for key in FID_KEYS), *COMPARABILITY_TAGS, "T", "T_student", "spacing",
                 "teacher_sha256", "data_sha256", "student_sha256", "git_commit")
 METRICS_HASH_TAG = "sfddm.metrics_sha256"   # with student_sha256, identifies a registration
 PROMOTED_AT_TAG = "sfddm.promoted_at"       # ms since the epoch when the version took the champion alias
@@ -119,7 +121,7 @@ def version_tags(student_dir: PathLike, metrics_path: PathLike, data_dir: PathLi
                 "teacher_sha256": provenance["teacher_sha256"]}
     except KeyError as err:
         raise SfddmError(f"{Path(student_dir) / 'sfddm.json'}: missing key {err}; rerun sfddm distill") from None
-    tags.update({f"fid.{key}": metrics["fid"][key] for key in FID_KEYS})
+    tags.update({f"{d}.{key}": metrics[d][key] for d in DISTANCES for key in FID_KEYS})
     tags.update({key: metrics[key] for key in COMPARABILITY_TAGS})
     tags.update(data_sha256=io.sha256_file(data_meta), student_sha256=io.sha256_tree(student_dir),
                 git_commit=tracking.git_commit())
@@ -136,9 +138,10 @@ def read_metrics(path: PathLike) -> dict:
         raise SfddmError(f"{path}: not found; run sfddm evaluate first") from None
     except ValueError as err:
         raise SfddmError(f"{path}: not valid JSON ({err})") from None
-    fids = metrics.get("fid") if isinstance(metrics, dict) else None
-    if not isinstance(fids, dict) or not all(isinstance(fids.get(key), (int, float)) for key in FID_KEYS):
-        raise SfddmError(f"{path}: expected numbers fid.{', fid.'.join(FID_KEYS)}; rerun sfddm evaluate")
+    for d in DISTANCES:
+        values = metrics.get(d) if isinstance(metrics, dict) else None
+        if not isinstance(values, dict) or not all(isinstance(values.get(key), (int, float)) for key in FID_KEYS):
+            raise SfddmError(f"{path}: expected numbers {d}.{f', {d}.'.join(FID_KEYS)}; rerun sfddm evaluate")
     if not isinstance(metrics.get("feature_network"), str) or not isinstance(metrics.get("num_samples"), int):
         raise SfddmError(f"{path}: expected feature_network (text) and num_samples (integer)")
     return metrics

@@ -34,32 +34,38 @@ def _eps(unet, x: torch.Tensor, t: int) -> torch.Tensor:
 
 @torch.no_grad()
 def ddim_sample(unet, x: torch.Tensor, timesteps: Sequence[int], alphas_cumprod: np.ndarray,
-                generators=None) -> torch.Tensor:
+                generators=None, clip_denoised: bool = True) -> torch.Tensor:
     """DDIM, eta = 0 (Song et al. 2021, eq. 12), from x at timesteps[-1] down to the data:
 
-    x0 = clip((x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t));  x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps,
+    x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t);  x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps,
     s the next lower visited timestep and abar = 1 after the lowest, so the last step returns x0.
+    clip_denoised: x0 clipped to [-1, 1] at every step (diffusers' clip_sample); otherwise only the
+    returned image is, and over all T steps DDIM follows the probability-flow ODE (whose clipped
+    cousin degrades as steps grow, since clipping at high noise moves x_s off the ODE).
     (generators: unused, DDIM adds no noise; taken so that both samplers share one signature.)
     """
     timesteps = list(timesteps)[::-1]
     for t, s in zip(timesteps, timesteps[1:] + [-1]):
-        x = diffusion.ddim_step(x, _eps(unet, x, t), alphas_cumprod[t], diffusion.abar_at(alphas_cumprod, s))
-    return x
+        x = diffusion.ddim_step(x, _eps(unet, x, t), alphas_cumprod[t], diffusion.abar_at(alphas_cumprod, s),
+                                clip=clip_denoised)
+    return x.clamp(-1.0, 1.0)
 
 
 @torch.no_grad()
 def ddpm_sample(unet, x: torch.Tensor, timesteps: Sequence[int], alphas_cumprod: np.ndarray,
-                generators: list[torch.Generator]) -> torch.Tensor:
+                generators: list[torch.Generator], clip_denoised: bool = True) -> torch.Tensor:
     """DDPM ancestral sampling (Ho et al. 2020) between consecutive visited timesteps t > s:
 
     x_s = sqrt(abar_s) b_ts / (1 - abar_t) x0 + sqrt(a_ts) (1 - abar_s) / (1 - abar_t) x_t + sigma z,
-    a_ts = abar_t / abar_s, b_ts = 1 - a_ts, sigma^2 = (1 - abar_s) / (1 - abar_t) b_ts, x0 clipped;
-    the last step returns x0.
+    a_ts = abar_t / abar_s, b_ts = 1 - a_ts, sigma^2 = (1 - abar_s) / (1 - abar_t) b_ts, x0 clipped
+    (at every step with clip_denoised, else only the returned x0); the last step returns x0.
     """
     timesteps = list(timesteps)[::-1]
     for t, s in zip(timesteps, timesteps[1:] + [-1]):
         abar_t, abar_s = alphas_cumprod[t], float(diffusion.abar_at(alphas_cumprod, s))
-        x0 = diffusion.predict_x0(x, _eps(unet, x, t), abar_t).clamp(-1.0, 1.0)
+        x0 = diffusion.predict_x0(x, _eps(unet, x, t), abar_t)
+        if clip_denoised or s < 0:
+            x0 = x0.clamp(-1.0, 1.0)
         if s < 0:
             return x0
         a_ts = abar_t / abar_s
@@ -75,12 +81,14 @@ SAMPLER_FUNCTIONS: dict[str, Callable] = {"ddim": ddim_sample, "ddpm": ddpm_samp
 def generate(model: DiffusionModel, seeds: Sequence[int], sampler: str = "ddim",
              timesteps: Optional[Sequence[int]] = None, batch_size: int = 250,
              device: torch.device = torch.device("cpu"), noise: Optional[torch.Tensor] = None,
-             desc: str = "sampling") -> tuple[torch.Tensor, float]:
+             desc: str = "sampling", clip_denoised: Optional[bool] = None) -> tuple[torch.Tensor, float]:
     """Images in [-1, 1] (CPU, float32) for the given per-image seeds, and the seconds spent sampling.
 
     timesteps: a subset of the model's own timesteps (default: all). noise: explicit starting noise
-    (used for interpolation); per-step DDPM noise still comes from the seeds.
+    (used for interpolation); per-step DDPM noise still comes from the seeds. clip_denoised: clip x0 at
+    every step (default: as the model's own scheduler says, model.clip_denoised).
     """
+    clip_denoised = model.clip_denoised if clip_denoised is None else clip_denoised
     timesteps = np.arange(model.num_timesteps) if timesteps is None else np.asarray(timesteps)
     unet, sample = model.unet.to(device).eval(), SAMPLER_FUNCTIONS[sampler]
     images, seconds = [], 0.0
@@ -91,7 +99,7 @@ def generate(model: DiffusionModel, seeds: Sequence[int], sampler: str = "ddim",
         if device.type == "cuda":
             torch.cuda.synchronize()
         began = time.perf_counter()
-        x = sample(unet, x, timesteps, model.alphas_cumprod, generators)
+        x = sample(unet, x, timesteps, model.alphas_cumprod, generators, clip_denoised)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - began

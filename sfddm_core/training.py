@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -79,12 +79,27 @@ def fingerprint(cfg: config_lib.Config, sections: Iterable[str], **inputs) -> di
     return {**flat, **inputs}
 
 
+def learning_rate(base_lr: float, iterations: int, warmup: int = 0, decay: str = "constant") -> Callable[[int], float]:
+    """The learning rate at each update: a linear warm-up from base_lr / warmup to base_lr over `warmup`
+    updates, then constant, or a cosine from base_lr down to 0 at the last update."""
+    def at(step: int) -> float:
+        if step < warmup:
+            return base_lr * (step + 1) / warmup
+        if decay == "cosine":
+            progress = (step - warmup) / max(1, iterations - warmup)
+            return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return base_lr
+    return at
+
+
 def fit(model: torch.nn.Module, loss_fn: Callable[[int, np.random.Generator], dict], iterations: int,
-        lr: float, ema_decay: float, seed: int, desc: str, evaluate_every: int = 0,
+        lr: Union[float, Callable[[int], float]], ema_decay: float, seed: int, desc: str, evaluate_every: int = 0,
         evaluate: Optional[Callable[[torch.nn.Module], dict]] = None, grad_clip: Optional[float] = None,
         checkpoint: Optional[Checkpoint] = None) -> tuple[torch.nn.Module, list[dict]]:
     """Train `model` in place for `iterations` Adam steps and return (its EMA copy, the loss log).
 
+    lr: a number, or the learning rate at each update (learning_rate); being a function of the step
+    alone, it needs no state of its own in a checkpoint.
     loss_fn(step, rng) returns a dict of scalar tensors whose "loss" entry is minimised; every entry is
     logged, with "seconds" of training so far. rng (numpy, seeded) draws batches and timesteps, so runs
     repeat exactly on one device. evaluate(ema_model), if given, runs every `evaluate_every` updates and
@@ -99,7 +114,8 @@ def fit(model: torch.nn.Module, loss_fn: Callable[[int, np.random.Generator], di
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    lr_at = lr if callable(lr) else (lambda step: lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr_at(0))
     ema = EMAModel(model.parameters(), decay=ema_decay)
     log, seconds, start = [], 0.0, 0
     saved = None                        # step the checkpoint file resumes at
@@ -126,6 +142,8 @@ def fit(model: torch.nn.Module, loss_fn: Callable[[int, np.random.Generator], di
             loss.backward()
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
             optimizer.step()
             ema.step(model.parameters())
             seconds += time.perf_counter() - began

@@ -31,33 +31,53 @@ def test_every_variant_is_a_valid_config_and_differs_from_base_only_where_it_say
         assert changed <= set(overrides), name
 
 
-def _variant(nfe, fid, method="sfddm", curve=((1000, 500.0), (4000, 30.0))):
-    return {"nfe": nfe, "fid": fid, "method": method, "phi": list(range(nfe)),
+def _variant(nfe, fids, method="sfddm", curve=((1000, 500.0), (4000, 30.0)), kid=(1.0, 3.0), consistency=0.2):
+    """A variant's result as bench.quality stores it: fids over the seed-set reruns, the first the main one."""
+    return {"nfe": nfe, "fid": fids[0], "method": method, "phi": list(range(nfe)), "consistency_ratio": consistency,
+            "reruns": [{"fid": f, "kid": kid[0], "kid_std": kid[1]} for f in fids],
             "settings": {"student": {"spacing": "trailing"}},
             "compute": {"forward_equivalents": curve[-1][0], "student_updates": 10, "seconds": 1.0},
             "curve": [{"compute": c, "fid": f} for c, f in curve]}
 
 
-def test_targets_compare_the_measured_ratios():
+def _baseline(nfe, fids, kid=(1.0, 3.0)):
+    return {"nfe": nfe, "fid": fids[0], "reruns": [{"fid": f, "kid": kid[0], "kid_std": kid[1]} for f in fids]}
+
+
+def test_targets_are_judged_on_the_means_over_seed_sets():
     quality = {
-        "baselines": {"teacher_ddpm": {"nfe": 1000, "fid": 20.0},
-                      "teacher_ddim 4 trailing": {"nfe": 4, "fid": 100.0},
-                      "teacher_ddim 4 leading": {"nfe": 4, "fid": 10.0},
-                      "teacher_ddim 10 trailing": {"nfe": 10, "fid": 30.0}},
-        "variants": {"base": _variant(4, 29.0, curve=((1000, 60.0), (3000, 35.0), (4000, 29.0))),
-                     "steps=10": _variant(10, 31.0),
-                     "progressive": _variant(4, 40.0, "progressive", curve=((10000, 40.0),))}}
+        "baselines": {"teacher_ddpm": _baseline(1000, [18.0, 22.0], kid=(1.0, 2.0)),    # mean 20
+                      "teacher_ddim 4 trailing": _baseline(4, [90.0, 110.0]),             # mean 100
+                      "teacher_ddim 2 trailing": _baseline(2, [500.0]),
+                      "teacher_ddim 4 leading": _baseline(4, [10.0]),
+                      "teacher_ddim 10 trailing": _baseline(10, [30.0])},
+        "variants": {"base": _variant(4, [13.0, 15.0], kid=(4.0, 1.0), consistency=0.31,      # mean 14
+                                      curve=((1000, 60.0), (3000, 35.0), (4000, 13.0))),
+                     "steps=2": _variant(2, [31.0]),
+                     "steps=10": _variant(10, [27.0]),
+                     "progressive": _variant(4, [40.0], "progressive", curve=((10000, 40.0),))}}
     speed = {"sampling": {"speedup": 230.0, "ideal_speedup": 250.0, "fraction_of_ideal": 0.92},
              "loop": {"ours_ms_per_step": 1.0, "diffusers_ms_per_step": 1.2, "ours_over_diffusers": 0.833,
                       "ours_overhead_us_per_step": 150.0, "diffusers_overhead_us_per_step": 300.0,
                       "overhead_ours_over_diffusers": 0.5}}
     rows = {target: (measured, verdict) for target, measured, verdict in
             bench_report.quality_targets(quality) + bench_report.speed_targets(speed)}
-    verdicts = [verdict for _, verdict in rows.values()]
-    assert verdicts == ["met", "met", "**missed**", "met", "met", "met"]     # 29 / 20 = 1.45; 31 > 30
-    assert rows["T' = 4: FID <= 0.3 x teacher DDIM at 4 steps"][0] == "29.00 / 100.00 = 0.29 x"
-    # progressive's 40.0 is first reached at compute 3000, 0.3 x progressive's 10000
+    assert [verdict for _, verdict in rows.values()] == [
+        "met",            # 14 <= 1.0 x 20
+        "**missed**",     # KID 4 > 1 + 2 x 1
+        "met",            # 14 <= 0.15 x 100
+        "**missed**",     # consistency 0.31 > 0.3
+        "**missed**",     # T' = 2: 31 > 1.5 x 20
+        "met",            # T' = 10: 27 <= 0.9 x 30
+        "met",            # progressive's 40 first reached at compute 3000 = 0.3 x 10000
+        "met", "met"]     # speed
+    assert rows["T' = 4: FID <= 0.15 x teacher DDIM at 4 steps"][0] == "14.00 / 100.00 = 0.140 x"
     assert any(m.startswith("0.300 x") for m, _ in rows.values())
+
+
+def test_mean_sd_over_reruns_and_without():
+    assert bench_report.mean_sd(_baseline(4, [1.0, 3.0])) == (2.0, pytest.approx(2 ** 0.5))
+    assert bench_report.mean_sd({"fid": 5.0}) == (5.0, 0.0)
 
 
 def test_readme_section_demotes_headings_and_roots_image_paths():
@@ -85,3 +105,16 @@ def test_unknown_variant_is_refused(tmp_path):
     cfg = config.load(ROOT / "params.yaml")
     with pytest.raises(Exception, match="unknown"):
         bench.quality(cfg, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, variants=["nope"])
+
+
+def test_teacher_identity_follows_the_network_and_schedule_not_the_provenance(tmp_path):
+    for name, text in (("unet/config.json", "{}"), ("unet/diffusion_pytorch_model.safetensors", "w"),
+                       ("scheduler/scheduler_config.json", "{}"), ("sfddm_config.yaml", "a: 1"),
+                       ("sfddm.json", "{}")):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    before = bench.teacher_identity(tmp_path)
+    (tmp_path / "sfddm_config.yaml").write_text("a: 2")       # a setting the teacher does not depend on
+    assert bench.teacher_identity(tmp_path) == before
+    (tmp_path / "unet/diffusion_pytorch_model.safetensors").write_text("w2")
+    assert bench.teacher_identity(tmp_path) != before

@@ -63,12 +63,14 @@ def test_prepare_data_then_train_teacher(tmp_path, tiny_config):
 
 def test_fid_table_lists_every_sampler_and_what_the_fid_depends_on():
     metrics = {"fid": {"teacher_ddpm": 3.5, "teacher_ddim": 9.25, "student": 7.125},
+               "kid": {"teacher_ddpm": 1.5, "teacher_ddim": 42.0, "student": 0.25},
+               "kid_std": {"teacher_ddpm": 2.0, "teacher_ddim": 3.0, "student": 2.5},
                "nfe": {"teacher_ddpm": 1000, "teacher_ddim": 4, "student": 4},
                "images_per_second": {"teacher_ddpm": 2.0, "teacher_ddim": 400.0, "student": 410.5},
                "consistency_ratio": 0.25, "feature_network": "digits-classifier", "num_samples": 500}
     table = fid_table_markdown(metrics, "the test split of digits (449 images)")
     assert "| teacher, DDPM over all T steps | 1000 | 3.50 | 2.0 |" in table
-    assert "| student (SFDDM) | 4 | 7.12 | 410.5 |" in table
+    assert "| student (SFDDM) | 4 | 7.12 | 0.25 ± 2.5 | 410.5 |" in table
     assert all(fact in table for fact in ("500 samples", "digits-classifier", "449 images", "0.250"))
 
 

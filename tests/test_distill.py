@@ -180,3 +180,49 @@ def test_time_embedding_fit_beyond_the_well_conditioned_range(linear_abar):
     with torch.no_grad():
         ours, theirs = student(x, torch.arange(10)).sample, teacher(x, torch.as_tensor(phi)).sample
     assert (ours - theirs).abs().max() < 1e-2
+
+
+def test_teacher_path_targets_chain_the_teachers_ddim_segments(linear_abar):
+    """Inputs on the teacher's own path: the top input is x' at phi_{T'-1}; each (x, i, eps*) is what
+    trajectory_eps_target gives at that x; and one student DDIM step with eps* from step i lands on the
+    input of step i - 1 (the last one on the teacher's image)."""
+    from sfddm_core.distill import teacher_path_targets
+    schedule = StudentSchedule(diffusion.student_timesteps(1000, 3, "trailing"), linear_abar)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand(5, 1, 4, 4, generator=g) * 2 - 1, torch.randn(5, 1, 4, 4, generator=g)
+    x, i, eps_star = teacher_path_targets(LinearEps(), x0, eps, schedule, 4, clip=False)
+    assert x.shape == (15, 1, 4, 4) and i.tolist() == [2] * 5 + [1] * 5 + [0] * 5
+    torch.testing.assert_close(x[:5], diffusion.q_sample(x0, eps, schedule.abar_student[2]))
+    teacher = LinearEps()
+    first = teacher(x, torch.as_tensor(schedule.phi[i])).sample
+    torch.testing.assert_close(eps_star, trajectory_eps_target(teacher, x, i, schedule, 4, first, False),
+                               atol=1e-5, rtol=1e-5)
+    abar_next = diffusion.abar_at(linear_abar, schedule.previous_teacher_step(i))
+    landed = diffusion.ddim_step(x, eps_star, schedule.abar_student[i], abar_next, clip=False)
+    torch.testing.assert_close(landed[:10], x[5:], atol=1e-4, rtol=1e-4)
+
+
+def test_learning_rate_warms_up_then_decays_by_a_cosine():
+    from sfddm_core.training import learning_rate
+    lr = learning_rate(1e-3, iterations=110, warmup=10, decay="cosine")
+    assert [lr(0), lr(4), lr(9)] == pytest.approx([1e-4, 5e-4, 1e-3])
+    assert lr(60) == pytest.approx(0.5e-3)                      # half-way through the decay
+    assert 0 < lr(109) < 1e-6
+    constant = learning_rate(1e-3, iterations=110, warmup=0, decay="constant")
+    assert {constant(step) for step in (0, 50, 109)} == {1e-3}
+
+
+def test_step_sampler_leans_toward_the_step_with_the_larger_running_loss():
+    from sfddm_core.distill import StepSampler
+    rng = np.random.default_rng(0)
+    uniform = StepSampler(4, weighted=False)
+    assert uniform.draw(np.random.default_rng(0), 8).tolist() == np.random.default_rng(0).integers(0, 4, 8).tolist()
+    sampler = StepSampler(2, weighted=True, decay=0.5)
+    sampler.observe(np.array([0, 0, 1]), np.array([3.0, 5.0, 1.0]))      # means: 0.5 + 0.5 * 4 = 2.5, 1.0
+    np.testing.assert_allclose(sampler.mean_loss, [2.5, 1.0])
+    draws = sampler.draw(rng, 20000)
+    p0 = np.sqrt(2.5) / (np.sqrt(2.5) + 1.0)
+    assert abs((draws == 0).mean() - p0) < 0.01
+    restored = StepSampler(2, weighted=True)
+    restored.load_state_dict(sampler.state_dict())                      # resumed with a checkpoint
+    np.testing.assert_array_equal(restored.mean_loss, sampler.mean_loss)

@@ -44,9 +44,10 @@ def test_dvc_repro_end_to_end(project):
     for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]:
         assert f"Running stage '{stage}'" in first
     metrics = json.loads((project / "metrics/evaluate.json").read_text())
-    assert set(metrics) == {"fid", "nfe", "images_per_second", "consistency_ratio", "feature_network",
-                            "num_samples"}
-    assert set(metrics["fid"]) == {"teacher_ddpm", "teacher_ddim", "student"}
+    assert set(metrics) == {"fid", "kid", "kid_std", "nfe", "images_per_second", "consistency_ratio",
+                            "feature_network", "num_samples"}
+    for distance in ("fid", "kid", "kid_std"):
+        assert set(metrics[distance]) == {"teacher_ddpm", "teacher_ddim", "student"}
     assert metrics["nfe"] == {"teacher_ddpm": 100, "teacher_ddim": 4, "student": 4}
     assert (project / "models/student/sfddm.json").is_file()
     assert json.loads((project / "metrics/promote.json").read_text())["promoted"] is True

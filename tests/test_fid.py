@@ -54,23 +54,38 @@ def test_fid_of_a_set_with_itself_is_zero():
 def test_fid_matches_scipy_and_grows_with_noise():
     net, real = RandomProjection(64), _random_images(200, seed=0)
     fakes = {f"sigma={s}": _noisy(real, s) for s in (10, 30, 60)}
-    distances = fid.frechet_distances(net, real, fakes, batch_size=64)
+    distances = fid.image_distances(net, real, fakes, batch_size=64)
 
     for name, fake in fakes.items():
-        assert distances[name] == pytest.approx(_scipy_fid(net, real, fake), rel=1e-3)
+        assert distances[name]["fid"] == pytest.approx(_scipy_fid(net, real, fake), rel=1e-3)
         # the cached reference features must give what a fresh metric gives
-        assert distances[name] == pytest.approx(fid.frechet_distance(net, real, fake), rel=1e-9)
-    values = list(distances.values())
+        assert distances[name]["fid"] == pytest.approx(fid.frechet_distance(net, real, fake), rel=1e-9)
+    values = [d["fid"] for d in distances.values()]
     assert 0 < values[0] < values[1] < values[2]
+
+
+def test_kid_is_unbiased_grows_with_noise_and_repeats():
+    """Two independent draws of one distribution: KID's mean lies within its spread around 0 (unbiased),
+    while FID stays clearly positive (its small-sample bias); KID grows as the images brighten; the random
+    subsets come from a fixed seed, so a rerun gives the same numbers."""
+    net = RandomProjection(64)
+    same = fid.image_distances(net, _random_images(400, seed=1), {"same": _random_images(400, seed=2)})["same"]
+    assert abs(same["kid"]) < same["kid_std"]
+    assert same["fid"] > 10 * abs(same["kid"])
+    assert fid.image_distances(net, _random_images(400, seed=1), {"same": _random_images(400, seed=2)})["same"] == same
+    real = _random_images(200, seed=0)
+    brighter = {shift: np.clip(real.astype(int) + shift, 0, 255).astype(np.uint8) for shift in (10, 30, 60)}
+    kids = [d["kid"] for d in fid.image_distances(net, real, brighter).values()]
+    assert 0 < kids[0] < kids[1] < kids[2]
 
 
 def test_fid_refuses_mismatched_sets():
     net, real = RandomProjection(64), _random_images(10, seed=0)
     with pytest.raises(SfddmError, match="sample set 'float': expected uint8 images of shape"):
-        fid.frechet_distances(net, real, {"float": real.astype(np.float32)})
+        fid.image_distances(net, real, {"float": real.astype(np.float32)})
     expected = "sample set 'rgb': expected uint8 images of shape (N >= 2, 1, 8, 8)"
     with pytest.raises(SfddmError, match=re.escape(expected)):
-        fid.frechet_distances(net, real, {"rgb": _random_images(10, 1, (3, 8, 8))})
+        fid.image_distances(net, real, {"rgb": _random_images(10, 1, (3, 8, 8))})
 
 
 # ---- Inception ----

@@ -29,7 +29,7 @@ def write_teacher(folder: Path) -> Path:
 
 def write_student(folder: Path) -> Path:
     betas = diffusion.student_betas(tiny_abar(), np.array(STUDENT_PROVENANCE["phi"]))
-    models.save_student(make_unet(), betas, folder, STUDENT_PROVENANCE)
+    models.save_student(make_unet(), betas, folder, STUDENT_PROVENANCE, clip_sample=False)
     return folder
 
 

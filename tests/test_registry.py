@@ -30,7 +30,7 @@ def student(tmp_path_factory):
     betas = diffusion.student_betas(diffusion.alphas_cumprod(diffusion.beta_schedule("linear", 1000)), phi)
     models.save_student(unet, betas, root / "student", {
         "phi": phi.tolist(), "teacher_timesteps": 1000, "student_steps": STEPS, "spacing": "trailing",
-        "teacher_source": "models/teacher", "teacher_sha256": "ab" * 32})
+        "teacher_source": "models/teacher", "teacher_sha256": "ab" * 32}, clip_sample=False)
     (root / "data").mkdir()
     (root / "data" / "meta.json").write_text('{"source": "digits"}\n')
     return root
@@ -42,6 +42,8 @@ def metrics_file(folder, fid):
     runs = ("teacher_ddpm", "teacher_ddim", "student")
     path.write_text(json.dumps({
         "fid": {"teacher_ddpm": 1.0, "teacher_ddim": 2.0, "student": fid},
+        "kid": {"teacher_ddpm": 0.5, "teacher_ddim": 9.0, "student": 1.5},
+        "kid_std": {"teacher_ddpm": 2.0, "teacher_ddim": 4.0, "student": 2.5},
         "nfe": {"teacher_ddpm": 1000, "teacher_ddim": STEPS, "student": STEPS},
         "images_per_second": {name: 10.0 for name in runs}, "consistency_ratio": 0.3,
         "feature_network": "classifier", "num_samples": 100}))

@@ -1,5 +1,6 @@
 """Our samplers against diffusers' schedulers, and per-image seeding."""
 import numpy as np
+import pytest
 import torch
 from diffusers import DDIMPipeline
 
@@ -8,19 +9,37 @@ from sfddm_core import diffusion, models, samplers
 from conftest import make_unet
 
 
-def test_ddim_loop_equals_diffusers_on_exported_student_scheduler(unet, linear_abar):
+@pytest.mark.parametrize("clip", [True, False])
+def test_ddim_loop_equals_diffusers_on_exported_student_scheduler(unet, linear_abar, clip):
+    """clip: x0-hat clipped at every step, as diffusers' clip_sample; unclipped, both clip only the
+    final image (DDIMPipeline clamps it)."""
     phi = diffusion.student_timesteps(1000, 4, "trailing")
     betas = diffusion.student_betas(linear_abar, phi)
-    scheduler = models.student_scheduler(betas)
+    scheduler = models.student_scheduler(betas, clip_sample=clip)
     scheduler.set_timesteps(4)
     assert scheduler.timesteps.tolist() == [3, 2, 1, 0]
-    noise = samplers.gaussian(samplers.image_generators([0, 1, 2]), (1, 8, 8), "cpu")
+    noise = 3 * samplers.gaussian(samplers.image_generators([0, 1, 2]), (1, 8, 8), "cpu")  # x0-hat beyond [-1, 1]
     x = noise.clone()
     with torch.no_grad():
         for t in scheduler.timesteps:
             x = scheduler.step(unet(x, t).sample, t, x).prev_sample
-    ours = samplers.ddim_sample(unet, noise, np.arange(4), linear_abar[phi])
-    torch.testing.assert_close(ours, x, atol=2e-5, rtol=1e-4)
+    ours = samplers.ddim_sample(unet, noise, np.arange(4), linear_abar[phi], clip_denoised=clip)
+    torch.testing.assert_close(ours, x.clamp(-1, 1), atol=2e-5, rtol=1e-4)
+    unclipped = samplers.ddim_sample(unet, noise, np.arange(4), linear_abar[phi], clip_denoised=not clip)
+    assert (ours - unclipped).abs().max() > 1e-3         # the test input does reach the clipping
+
+
+def test_unclipped_ddim_over_all_steps_is_the_clipped_one_where_x0_stays_in_range(linear_abar):
+    """A network whose x0-hat is always inside [-1, 1] (eps from x0 = 0.5 tanh(x)) is not touched by
+    clipping, so both samplers must agree; the unclipped one is clamped only at the end."""
+    class Tame(torch.nn.Module):
+        def forward(self, x, t):
+            abar = torch.as_tensor(linear_abar[t.cpu().numpy()], dtype=torch.float32).view(-1, 1, 1, 1)
+            return type("Out", (), {"sample": diffusion.predict_eps(x, 0.5 * torch.tanh(x), abar.numpy().ravel())})()
+    noise = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    steps = np.arange(0, 1000, 50)
+    torch.testing.assert_close(samplers.ddim_sample(Tame(), noise, steps, linear_abar, clip_denoised=True),
+                               samplers.ddim_sample(Tame(), noise, steps, linear_abar, clip_denoised=False))
 
 
 def test_student_ddim_equals_teacher_ddim_on_phi(unet, linear_abar):
@@ -59,9 +78,11 @@ def test_images_do_not_depend_on_batch_size(linear_abar):
 
 def test_exported_student_samples_with_diffusers_alone(tmp_path, unet, linear_abar):
     phi = diffusion.student_timesteps(1000, 4, "trailing")
-    models.save_student(unet, diffusion.student_betas(linear_abar, phi), tmp_path / "student", {"phi": phi.tolist()})
+    models.save_student(unet, diffusion.student_betas(linear_abar, phi), tmp_path / "student", {"phi": phi.tolist()},
+                        clip_sample=False)
     pipe = DDIMPipeline.from_pretrained(tmp_path / "student")
     out = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np")
     assert out.images.shape == (2, 8, 8, 1)
     loaded = models.load_model(tmp_path / "student")
     np.testing.assert_allclose(loaded.alphas_cumprod, linear_abar[phi], rtol=1e-12)
+    assert loaded.clip_denoised is False          # the sampler setting travels in the scheduler config

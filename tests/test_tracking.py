@@ -39,6 +39,8 @@ def write_stage_outputs(folder):
     write_loss_csv(folder / "distill_loss.csv", 2500)
     (folder / "evaluate.json").write_text(json.dumps({
         "fid": {"teacher_ddpm": 1.5, "teacher_ddim": 2.5, "student": 3.5},
+        "kid": {"teacher_ddpm": 0.5, "teacher_ddim": 9.0, "student": 1.5},
+        "kid_std": {"teacher_ddpm": 2.0, "teacher_ddim": 4.0, "student": 2.5},
         "nfe": {"teacher_ddpm": 1000, "teacher_ddim": 4, "student": 4},
         "images_per_second": {"teacher_ddpm": 1.0, "teacher_ddim": 90.0, "student": 95.0},
         "consistency_ratio": 0.25, "feature_network": "classifier-8px", "num_samples": 100}))
