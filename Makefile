@@ -29,6 +29,7 @@ test: install
 bench: install
 	$(BIN)/dvc repro train_classifier sample_teacher distill
 	$(BIN)/sfddm bench quality --readme README.md
+	$(BIN)/sfddm bench quality --profile full --readme README.md
 	$(BIN)/sfddm bench speed --readme README.md
 
 pipeline: install

@@ -64,7 +64,7 @@ PROFILES = {"fast": {"distill.iterations": 200, "distill.batch_size": 64}, "full
 # defaults are decided on.
 PROFILE_VARIANTS = {
     "fast": tuple(name for name in SWEEP if name != "iterations=1900"),
-    "full": ("base", "steps=2", "steps=10", "lambda_h=1", "lr constant", "inputs=teacher_path",
+    "full": ("base", "steps=2", "steps=10", "lambda_h=1", "lr constant", "lr=1e-3", "inputs=teacher_path",
              "step_sampling=loss", "iterations=1900", "progressive"),
 }
 CURVE_POINTS = 4            # FID evaluations along each distillation (the last at its end)

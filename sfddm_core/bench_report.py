@@ -124,13 +124,16 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 def _objective(settings: dict) -> str:
     d, student = settings["distill"], settings["student"]
-    if d["method"] == "progressive":
-        return "progressive (2 teacher DDIM steps)"
     terms = [name for name, key in (("pointwise", "pointwise_weight"), (f"trajectory K={d['substeps']}",
                                     "trajectory_weight"), ("hidden", "hidden_weight")) if d[key]]
+    if d["method"] == "progressive":
+        terms = ["progressive (2 teacher DDIM steps)"]
     extras = [f"init {student['init']}"] if student["init"] != "teacher" else []
-    extras += ["inputs on the teacher's path"] if d.get("inputs") == "teacher_path" else []
-    extras += [f"lr {d['lr']:g} {d.get('lr_decay', 'constant')}"]
+    extras += ["inputs on the teacher's path"] if d["inputs"] == "teacher_path" else []
+    extras += ["steps weighted by loss"] if d["step_sampling"] == "loss" else []
+    extras += ["clipped sub-steps"] if d["clip_substeps"] else []
+    extras += ["sampler unclipped"] if not student["clip_denoised"] else []
+    extras += [f"lr {d['lr']:g} {d['lr_decay']}"]
     return " + ".join(terms) + "; " + ", ".join(extras)
 
 
@@ -209,7 +212,7 @@ def plot(quality: dict, out_dir: Path, files: dict[str, str]) -> None:
               label="teacher DDPM")
     by_method = {}
     for name, v in variants.items():
-        if name == "base" or name.startswith("steps=") or name.startswith("progressive"):
+        if name == "base" or name.startswith("steps=") or name in ("progressive", "progressive steps=10"):
             by_method.setdefault(v["method"], []).append((v["nfe"], mean_sd(v)[0]))
     for method, points in by_method.items():
         axes.plot(*zip(*sorted(points)), "o-", label=f"{method} student")
