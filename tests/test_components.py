@@ -33,7 +33,8 @@ def test_resolve_config_applies_pipeline_settings_over_params():
     settings = {**NO_OVERRIDES, "student_steps": 5, "spacing": "[19, 39, 59, 79, 99]",
                 "distill_iterations": 7}
     resolved = json.loads(components.resolve_config.python_func(params=json.dumps(TINY_PARAMS), **settings))
-    assert resolved["student"] == {"steps": 5, "spacing": [19, 39, 59, 79, 99], "init": "teacher"}
+    assert resolved["student"] == {"steps": 5, "spacing": [19, 39, 59, 79, 99], "init": "teacher",
+                                   "clip_denoised": True}
     assert resolved["distill"]["iterations"] == 7
     assert resolved["teacher"]["num_train_timesteps"] == 100        # left at 0: the value in params
     assert config.from_dict(resolved).student_timesteps.tolist() == [19, 39, 59, 79, 99]
@@ -69,7 +70,7 @@ def test_fid_table_lists_every_sampler_and_what_the_fid_depends_on():
                "images_per_second": {"teacher_ddpm": 2.0, "teacher_ddim": 400.0, "student": 410.5},
                "consistency_ratio": 0.25, "feature_network": "digits-classifier", "num_samples": 500}
     table = fid_table_markdown(metrics, "the test split of digits (449 images)")
-    assert "| teacher, DDPM over all T steps | 1000 | 3.50 | 2.0 |" in table
+    assert "| teacher, DDPM over all T steps | 1000 | 3.50 | 1.5 ± 2 | 2.0 |" in table
     assert "| student (SFDDM) | 4 | 7.12 | 0.25 ± 2.5 | 410.5 |" in table
     assert all(fact in table for fact in ("500 samples", "digits-classifier", "449 images", "0.250"))
 
