@@ -329,7 +329,8 @@ def distill(cfg: Config, teacher: models.DiffusionModel, data_dir: Path, evaluat
         else:
             x0, eps = batch(rng)
             i = steps.draw(rng, dc.batch_size)
-            terms = distillation_loss(student_unet, teacher_unet, x0, eps, i, schedule, dc, steps.observe)
+            terms = distillation_loss(student_unet, teacher_unet, x0, eps, i, schedule, dc,
+                                      steps.observe if steps.weighted else None)   # observing syncs a GPU
         return {**terms, "teacher_forwards": forwards.images}
 
     with forwards.watching(teacher_unet):

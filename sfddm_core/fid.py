@@ -198,11 +198,6 @@ def feature_network(cfg: EvaluateConfig, classifier_path: Union[str, Path]) -> n
 KID_SUBSETS = 100       # torchmetrics' default; KID's mean and std are over this many random subsets
 
 
-def frechet_distance(feature_net: nn.Module, real_uint8: np.ndarray, fake_uint8: np.ndarray,
-                     batch_size: int = 250, device: Device = "cpu") -> float:
-    return image_distances(feature_net, real_uint8, {"fake": fake_uint8}, batch_size, device)["fake"]["fid"]
-
-
 def image_distances(feature_net: nn.Module, real_uint8: np.ndarray, fakes: dict[str, np.ndarray],
                     batch_size: int = 250, device: Device = "cpu", seed: int = 0) -> dict[str, dict[str, float]]:
     """FID and KID of each fake set against one reference set, on features extracted once per set.
