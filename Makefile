@@ -6,9 +6,19 @@ STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-IMAGE = $(shell cd components && $(PYTHON) -c 'from image import IMAGE; print(IMAGE)')
+# The pipeline image, one reference for `make image push pipeline`: IMAGE if given (commit-tagged or a
+# digest), else $(REGISTRY)/sfddm:git-<12 hex of HEAD>. components/image.py prints it, or stops make with
+# one line: a mutable tag, or uncommitted changes to files that go into the image. Worked out once, on
+# first use, so that targets that do not need it never run it.
+REGISTRY ?= ghcr.io/sfddm
+IMAGE ?=
+IMAGE_REF = $(eval IMAGE_REF := $(or $(shell $(PYTHON) components/image.py --registry '$(REGISTRY)' \
+	$(if $(IMAGE),--image '$(IMAGE)')),$(error no image reference, see the line above)))$(IMAGE_REF)
+# docker build -t and docker push need a tag; a digest (IMAGE=NAME@sha256:...) names an image already pushed.
+IMAGE_TAG = $(if $(findstring @,$(IMAGE_REF)),$(error IMAGE=$(IMAGE_REF) is a digest, which only \
+	`make pipeline` takes; build and push need a tag, e.g. IMAGE=$(REGISTRY)/sfddm:git-<commit>),$(IMAGE_REF))
 
-.PHONY: install run test bench pipeline image clean
+.PHONY: install run test bench pipeline image push clean
 
 install: $(STAMP)
 
@@ -33,10 +43,13 @@ bench: install
 	$(BIN)/sfddm bench speed --readme README.md
 
 pipeline: install
-	$(BIN)/sfddm pipeline compile
+	$(BIN)/sfddm pipeline compile --image $(IMAGE_REF)
 
 image:
-	docker build -f components/Dockerfile -t $(IMAGE) .
+	docker build -f components/Dockerfile -t $(IMAGE_TAG) .
+
+push:
+	docker push $(IMAGE_TAG)
 
 clean:
 	rm -rf data/prepared data/classifier.pt models samples metrics reports/evaluate kfp-local

@@ -17,6 +17,7 @@ import urllib3
 from kfp import compiler, local
 from kfp_server_api.exceptions import ApiException
 
+from components import image as image_lib
 from sfddm_core.errors import SfddmError
 
 from .sfddm_pipeline import DEFAULT_PARAMS, PIPELINE_RUN_ENV, build_pipeline, resolved_params
@@ -61,10 +62,15 @@ def run_local(params_path: PathLike = DEFAULT_PARAMS, overrides: Optional[dict] 
 
 def submit(host: str, params_path: PathLike = DEFAULT_PARAMS, arguments: Optional[dict] = None,
            experiment_name: str = DEFAULT_EXPERIMENT, overrides: Optional[dict] = None,
-           run_name: Optional[str] = None, service_account: str = SERVICE_ACCOUNT) -> str:
-    """Compile the pipeline and start a run of it on the KFP server at host; return the run id."""
+           run_name: Optional[str] = None, service_account: str = SERVICE_ACCOUNT,
+           image: Optional[str] = None, registry: Optional[str] = None) -> str:
+    """Compile the pipeline and start a run of it on the KFP server at host; return the run id.
+
+    image and registry as for compile_pipeline: the default, registry/sfddm:git-<HEAD>, is what
+    `make image push` built and pushed from this commit.
+    """
     params = resolved_params(params_path, overrides)
-    pipeline = build_pipeline(params_path)
+    pipeline = build_pipeline(params_path, image=image_lib.resolve(image, registry))
     arguments = _checked_arguments(pipeline, arguments)
     client = _connect(host)
     with tempfile.TemporaryDirectory() as tmp:

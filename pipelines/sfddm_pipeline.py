@@ -22,6 +22,7 @@ from typing import Optional, Union
 from kfp import compiler, dsl, kubernetes
 
 import components
+from components import image as image_lib
 from sfddm_core import config
 
 from . import gpu_profile
@@ -39,6 +40,9 @@ SETTINGS_ENV = {key: key for key in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", 
 MLFLOW_S3_ENV = {"AWS_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL"}
 S3_SECRET = "sfddm-mlflow-s3"
 S3_SECRET_ENV = {key: key for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+# The pipeline runner's MLflow user (the server requires authentication; k8s/base/mlflow-auth.yaml).
+MLFLOW_SECRET = "sfddm-mlflow-runner"
+MLFLOW_SECRET_ENV = {key: key for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
 # The KFP API server labels every pod of a run with its run id. Read through the downward API rather
 # than set_env_variable(dsl.PIPELINE_JOB_ID_PLACEHOLDER): KFP substitutes placeholders in commands
 # and inputs but copies env values verbatim, and a run id among the inputs would defeat caching.
@@ -60,6 +64,9 @@ GPU_STEP = Resources(cpu="4", memory="16Gi")
 # Training steps are retried: a preempted or evicted node should not cost the whole run.
 TRAINING_RETRIES = 2
 RETRY_BACKOFF = {"backoff_duration": "60s", "backoff_factor": 2.0, "backoff_max_duration": "600s"}
+# Image references are immutable (components/image.py: a commit tag or a digest), so a node's copy is
+# never stale and IfNotPresent saves a pull per task; a new build is a new reference, hence a new pull.
+IMAGE_PULL_POLICY = "IfNotPresent"
 
 
 def resolved_params(params_path: Union[str, Path] = DEFAULT_PARAMS, overrides: Optional[dict] = None) -> str:
@@ -68,17 +75,28 @@ def resolved_params(params_path: Union[str, Path] = DEFAULT_PARAMS, overrides: O
 
 
 def build_pipeline(params_path: Union[str, Path] = DEFAULT_PARAMS,
-                   gpu: Optional[gpu_profile.GpuProfile] = None):
-    """The pipeline function, with `params` defaulting to the content of params_path."""
+                   gpu: Optional[gpu_profile.GpuProfile] = None, image: Optional[str] = None):
+    """The pipeline function, with `params` defaulting to the content of params_path.
+
+    image: the reference every task runs (checked by components/image.py: commit-tagged or a digest);
+    needed to compile for a cluster, not for kfp.local, which runs the tasks in this environment.
+    """
     default_params = resolved_params(params_path)
     registry_defaults = config.load(params_path).registry      # the same gate as `dvc repro`'s
     gpu = gpu or gpu_profile.load()
+    image = image and image_lib.check(image)
+
+    def in_image(task: dsl.PipelineTask) -> dsl.PipelineTask:
+        if image:
+            task.set_container_image(image)
+            kubernetes.set_image_pull_policy(task, IMAGE_PULL_POLICY)
+        return task
 
     def on_cpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
-        return _with_run_settings(_with_resources(task, CPU_STEP))
+        return _with_run_settings(_with_resources(in_image(task), CPU_STEP))
 
     def on_gpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
-        _with_resources(task, GPU_STEP)
+        _with_resources(in_image(task), GPU_STEP)
         task.set_accelerator_type(gpu.accelerator_type).set_accelerator_limit(gpu.accelerator_limit)
         kubernetes.add_node_selector(task, gpu.node_selector_key, gpu.node_selector_value)
         kubernetes.add_toleration(task, key=gpu.toleration_key, operator=gpu.toleration_operator,
@@ -144,14 +162,21 @@ def _with_run_settings(task: dsl.PipelineTask) -> dsl.PipelineTask:
     kubernetes.use_config_map_as_env(task, SETTINGS_CONFIG_MAP, SETTINGS_ENV)
     kubernetes.use_config_map_as_env(task, SETTINGS_CONFIG_MAP, MLFLOW_S3_ENV)
     kubernetes.use_secret_as_env(task, S3_SECRET, S3_SECRET_ENV)
+    kubernetes.use_secret_as_env(task, MLFLOW_SECRET, MLFLOW_SECRET_ENV)
     kubernetes.use_field_path_as_env(task, PIPELINE_RUN_ENV, RUN_ID_FIELD)
     return task
 
 
 def compile_pipeline(path: Union[str, Path] = COMPILED_PIPELINE,
-                     params_path: Union[str, Path] = DEFAULT_PARAMS) -> Path:
-    """Write the pipeline package (YAML) to path; the same inputs always give the same bytes."""
+                     params_path: Union[str, Path] = DEFAULT_PARAMS, image: Optional[str] = None,
+                     registry: Optional[str] = None) -> Path:
+    """Write the pipeline package (YAML) to path; the same inputs always give the same bytes.
+
+    image: the reference every task runs, commit-tagged or a digest; default registry/sfddm:git-<HEAD>
+    (registry default ghcr.io/sfddm), refused while files that go into the image are uncommitted.
+    """
+    image = image_lib.resolve(image, registry)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(params_path), str(path))
+    compiler.Compiler().compile(build_pipeline(params_path, image=image), str(path))
     return path

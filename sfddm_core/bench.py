@@ -48,7 +48,8 @@ SWEEP: dict[str, dict] = {
     "lambda_h=1": {"distill.hidden_weight": 1.0},
     "lr constant": {"distill.lr_decay": "constant", "distill.warmup": 0},
     "lr=2e-4": {"distill.lr": 2e-4},
-    "lr=1e-3": {"distill.lr": 1e-3},
+    "lr=5e-4": {"distill.lr": 5e-4},
+    "lr=2e-3": {"distill.lr": 2e-3},
     "inputs=teacher_path": {"distill.inputs": "teacher_path"},
     "step_sampling=loss": {"distill.step_sampling": "loss"},
     "clip_substeps": {"distill.clip_substeps": True},
@@ -64,7 +65,8 @@ PROFILES = {"fast": {"distill.iterations": 200, "distill.batch_size": 64}, "full
 # defaults are decided on.
 PROFILE_VARIANTS = {
     "fast": tuple(name for name in SWEEP if name != "iterations=1900"),
-    "full": ("base", "steps=2", "steps=10", "lambda_h=1", "lr constant", "lr=1e-3", "inputs=teacher_path",
+    "full": ("base", "steps=2", "steps=10", "lambda_h=1", "lr constant", "lr=5e-4", "lr=2e-3",
+             "inputs=teacher_path",
              "step_sampling=loss", "iterations=1900", "progressive"),
 }
 CURVE_POINTS = 4            # FID evaluations along each distillation (the last at its end)
@@ -171,7 +173,7 @@ class QualityBench:
         def student(unet) -> models.DiffusionModel:
             return models.DiffusionModel(unet, schedule.abar_student, cfg.student.clip_denoised)
 
-        def student_distances(unet) -> dict:
+        def student_distances(unet, updates) -> dict:
             return self.distances(self.sample(student(unet)))
 
         unet, _, log = distill.distill(cfg, self.teacher, self.data_dir, student_distances, updates_per_curve)

@@ -61,9 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
             out="models/teacher", loss_csv="metrics/teacher_loss.csv", checkpoint_dir="checkpoints/teacher")
     command("sample-teacher", "sample the teacher over all T steps (cached for evaluate)",
             teacher="models/teacher", out="samples/teacher")
-    command("distill", "SFDDM: distil the teacher into a T'-step student", teacher="models/teacher",
-            data="data/prepared", out="models/student", loss_csv="metrics/distill_loss.csv",
-            checkpoint_dir="checkpoints/distill")
+    distill = command("distill", "SFDDM: distil the teacher into a T'-step student", teacher="models/teacher",
+                      data="data/prepared", out="models/student", loss_csv="metrics/distill_loss.csv",
+                      checkpoint_dir="checkpoints/distill")
+    distill.add_argument("--classifier", type=Path, default=None,
+                         help="the FID classifier (data/classifier.pt): FID and KID along distillation")
+    distill.add_argument("--fid-csv", type=Path, default=Path("metrics/distill_fid.csv"),
+                         help="where that FID curve goes (with --classifier)")
     command("evaluate", "FID, speed and consistency of the student against the baselines",
             teacher="models/teacher", student="models/student", teacher_samples="samples/teacher",
             data="data/prepared", classifier="data/classifier.pt", metrics="metrics/evaluate.json",
@@ -111,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipeline = commands.add_parser("pipeline", help="the Kubeflow pipeline: compile it, run it here, submit it")
     actions = pipeline.add_subparsers(dest="action", required=True)
-    compile_ = actions.add_parser("compile", parents=[settings],
+    image = _OneLineErrorParser(add_help=False)     # components/image.py checks and derives the reference
+    image.add_argument("--image", default=None, metavar="REF",
+                       help="the image every task runs: REGISTRY/sfddm:git-<commit> or NAME@sha256:<digest> "
+                            "(default: REGISTRY/sfddm:git-<HEAD>, refused while image files are uncommitted)")
+    image.add_argument("--registry", default=None, help="registry repository of the default (ghcr.io/sfddm)")
+    compile_ = actions.add_parser("compile", parents=[settings, image],
                                   help="write the pipeline package; --params gives the default of `params`")
     compile_.add_argument("--out", type=Path, default=Path("pipelines/sfddm_pipeline.yaml"))
     arguments = _OneLineErrorParser(add_help=False)
@@ -120,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_local = actions.add_parser("run-local", parents=[settings, arguments],
                                    help="run the whole pipeline on this machine through kfp.local")
     run_local.add_argument("--root", type=Path, default=Path("kfp-local"), help="where task outputs go")
-    submit = actions.add_parser("submit", parents=[settings, arguments],
+    submit = actions.add_parser("submit", parents=[settings, arguments, image],
                                 help="start a run on a Kubeflow Pipelines server")
     submit.add_argument("--host", required=True, help="KFP API address, e.g. http://localhost:8080")
     submit.add_argument("--experiment", default="sfddm")
@@ -131,13 +140,13 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "pipeline":        # the only command that reaches the pipeline code (and kfp)
         import pipelines
         if args.action == "compile":
-            print(pipelines.compile_pipeline(args.out, args.params))
+            print(pipelines.compile_pipeline(args.out, args.params, args.image, args.registry))
         elif args.action == "run-local":
             version = pipelines.run_local(args.params, dict(args.overrides), args.root, dict(args.arguments))
             print(f"registered model version {version}")
         else:
             print(pipelines.submit(args.host, args.params, dict(args.arguments), args.experiment,
-                                   overrides=dict(args.overrides)))
+                                   overrides=dict(args.overrides), image=args.image, registry=args.registry))
         return 0
     cfg = config_lib.load(args.params, dict(args.overrides))
     from . import tracking
@@ -183,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
             evaluate.sample_teacher(cfg, args.teacher, args.out)
         elif args.command == "distill":
             from . import distill
-            distill.run(cfg, args.teacher, args.data, args.out, args.loss_csv, args.checkpoint_dir)
+            distill.run(cfg, args.teacher, args.data, args.out, args.loss_csv, args.checkpoint_dir, args.classifier,
+                        args.fid_csv if args.classifier else None)
             tracking.log_loss_csv(args.loss_csv)
         elif args.command == "evaluate":
             from . import evaluate

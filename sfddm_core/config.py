@@ -74,7 +74,7 @@ class DistillConfig:
     clip_substeps: bool = False         # clip the teacher's x0-hat at its sub-steps (all but the last)
     inputs: str = "forward_process"     # forward_process: x' ~ q(x | x0) | teacher_path: the teacher's DDIM states
     step_sampling: str = "uniform"      # uniform | loss: student steps drawn by sqrt of their running loss
-    lr: float = 5e-4
+    lr: float = 1e-3
     warmup: int = 30                    # updates of linear learning-rate warm-up
     lr_decay: str = "cosine"            # constant | cosine (to 0 at the last update)
     batch_size: int = 128

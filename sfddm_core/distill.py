@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import config as config_lib
-from . import data, diffusion, models
+from . import data, diffusion, evaluate, models, tracking
 from .config import Config, DistillConfig
 from .errors import SfddmError
 from .io import atomic_dir, resolve_device, sha256_tree
@@ -26,6 +26,7 @@ from . import training
 from .training import Checkpoint, fit, write_loss_csv
 
 DISTANCES = {"l1": F.l1_loss, "l2": F.mse_loss}
+CURVE_KEYS = ("fid", "kid")        # what evaluate.training_monitor adds to a log entry (with the classifier)
 
 
 @dataclass(frozen=True)
@@ -291,14 +292,15 @@ class ForwardCount:
         self.images = state["images"]
 
 
-def distill(cfg: Config, teacher: models.DiffusionModel, data_dir: Path, evaluate=None, evaluate_every: int = 0,
-            checkpoint: Optional[Checkpoint] = None):
+def distill(cfg: Config, teacher: models.DiffusionModel, data_dir: Path, monitor=None, monitor_every: int = 0,
+            checkpoint: Optional[Checkpoint] = None, on_log=None):
     """Train the student by cfg.distill.method; returns (student UNet (EMA), its betas, the loss log).
 
     Each log entry has the loss terms, "seconds" of training and the cumulative "teacher_forwards"
-    (images through a teacher network); evaluate(student UNet) joins the log every evaluate_every
-    updates (see training.fit), for progressive distillation in its last fold only. checkpoint: where
-    fit keeps its resumable state (progressive: one file per fold).
+    (images through a teacher network); monitor(student UNet, updates) joins the log every
+    monitor_every updates (fit's evaluate hook), for progressive distillation in its last fold only.
+    checkpoint: where fit keeps its resumable state (progressive: one file per fold). on_log(entry):
+    each log entry as it is made (steps numbered across folds).
     """
     device = resolve_device(cfg.device)
     if cfg.teacher.num_train_timesteps != teacher.num_timesteps:
@@ -318,7 +320,7 @@ def distill(cfg: Config, teacher: models.DiffusionModel, data_dir: Path, evaluat
         return x0, torch.randn_like(x0)
 
     if dc.method == "progressive":
-        return progressive_distill(cfg, teacher_unet, schedule, batch, evaluate, evaluate_every, checkpoint)
+        return progressive_distill(cfg, teacher_unet, schedule, batch, monitor, monitor_every, checkpoint, on_log)
     student_unet = initial_student(teacher_unet, schedule.phi, cfg.student.init, cfg.seed).to(device)
     forwards, steps = ForwardCount(), StepSampler(cfg.student.steps, dc.step_sampling == "loss")
 
@@ -335,13 +337,14 @@ def distill(cfg: Config, teacher: models.DiffusionModel, data_dir: Path, evaluat
 
     with forwards.watching(teacher_unet):
         ema_unet, log = fit(student_unet, loss_fn, dc.iterations, learning_rate(dc), dc.ema_decay, cfg.seed, desc="distill",
-                            evaluate_every=evaluate_every, evaluate=evaluate, grad_clip=dc.grad_clip,
-                            checkpoint=checkpoint and dataclasses.replace(checkpoint, extra=(forwards, steps)))
+                            evaluate_every=monitor_every, evaluate=monitor, grad_clip=dc.grad_clip,
+                            checkpoint=checkpoint and dataclasses.replace(checkpoint, extra=(forwards, steps)),
+                            on_log=on_log)
     return ema_unet.cpu(), schedule.betas, log
 
 
-def progressive_distill(cfg: Config, teacher_unet, schedule: StudentSchedule, batch, evaluate, evaluate_every,
-                        checkpoint: Optional[Checkpoint]):
+def progressive_distill(cfg: Config, teacher_unet, schedule: StudentSchedule, batch, monitor, monitor_every,
+                        checkpoint: Optional[Checkpoint], on_log=None):
     """log2 folds of progressive distillation down to schedule.phi, distill.iterations updates each.
 
     Every fold's student starts as a copy of its teacher (the previous fold's EMA student) and, except
@@ -376,15 +379,19 @@ def progressive_distill(cfg: Config, teacher_unet, schedule: StudentSchedule, ba
         if checkpoint and not last:     # the last fold's file is the caller's, removed once its outputs exist
             fold_checkpoint = dataclasses.replace(
                 fold_checkpoint, path=checkpoint.path.with_name(f"state-fold{fold}.pt"), remove_at_end=True)
+
+        def fold_entry(entry, fold=fold):
+            return {**entry, "step": fold * dc.iterations + entry["step"], "fold": fold}
+
         with forwards.watching(fold_teacher):
             ema_unet, fold_log = fit(student_unet, loss_fn, dc.iterations, learning_rate(dc), dc.ema_decay, cfg.seed + fold,
                                      desc=f"fold {fold + 1}/{len(grids) - 1}: {len(fine)} -> {len(coarse)} steps",
-                                     evaluate_every=evaluate_every if last else 0,
-                                     evaluate=evaluate if last else None, grad_clip=dc.grad_clip,
-                                     checkpoint=fold_checkpoint)
+                                     evaluate_every=monitor_every if last else 0,
+                                     evaluate=monitor if last else None, grad_clip=dc.grad_clip,
+                                     checkpoint=fold_checkpoint,
+                                     on_log=on_log and (lambda entry, fold_entry=fold_entry: on_log(fold_entry(entry))))
         seconds = log[-1]["seconds"] if log else 0.0
-        log += [{**entry, "step": fold * dc.iterations + entry["step"], "fold": fold,
-                 "seconds": round(seconds + entry["seconds"], 3)} for entry in fold_log]
+        log += [{**fold_entry(entry), "seconds": round(seconds + entry["seconds"], 3)} for entry in fold_log]
         fold_teacher = ema_unet.eval().requires_grad_(False)
     return fold_teacher.cpu(), schedule.betas, log
 
@@ -401,18 +408,26 @@ def training_compute(log: list[dict]) -> dict:
 
 
 def run(cfg: Config, teacher_dir: Path, data_dir: Path, out_dir: Path, loss_csv: Path,
-        checkpoint_dir: Optional[Path] = None) -> Path:
+        checkpoint_dir: Optional[Path] = None, classifier: Optional[Path] = None,
+        fid_csv: Optional[Path] = None) -> Path:
     """sfddm distill: write the student as a diffusers DDIM pipeline folder plus sfddm.json.
 
     With checkpoint_dir, training state is saved there every distill.checkpoint_every updates and a
     rerun with the same settings, teacher and data resumes from it; it is removed once the outputs exist.
+    While it trains, every step's losses go to MLflow, and a sample grid at evaluate.MONITOR_POINTS
+    updates; with the FID classifier, also FID and KID there, written to fid_csv (the FID curve).
     """
     teacher = models.load_model(teacher_dir)
     teacher_sha256 = sha256_tree(teacher_dir)
     settings = training.fingerprint(cfg, ("seed", "student", "distill"), teacher_sha256=teacher_sha256,
                                     train_images_sha256=data.load_meta(data_dir)["sha256"]["train"]["images"])
     checkpoint = training.checkpoint_in(checkpoint_dir, cfg.distill.checkpoint_every, settings, remove_at_end=False)
-    student_unet, betas, log = distill(cfg, teacher, data_dir, checkpoint=checkpoint)
+    schedule = StudentSchedule(cfg.student_timesteps, teacher.alphas_cumprod)
+    monitor = evaluate.training_monitor(cfg, schedule.abar_student, None, cfg.student.clip_denoised,
+                                        "student_samples", data_dir, classifier)
+    student_unet, betas, log = distill(cfg, teacher, data_dir, monitor,
+                                       max(1, cfg.distill.iterations // evaluate.MONITOR_POINTS), checkpoint,
+                                       on_log=tracking.log_step)
     provenance = {
         "method": cfg.distill.method,
         "phi": cfg.student_timesteps.tolist(),
@@ -426,7 +441,10 @@ def run(cfg: Config, teacher_dir: Path, data_dir: Path, out_dir: Path, loss_csv:
     with atomic_dir(out_dir) as tmp:
         config_lib.save(cfg, tmp / "sfddm_config.yaml")     # first: sfddm.json hashes the files before it
         models.save_student(student_unet, betas, tmp, provenance, cfg.student.clip_denoised)
-    write_loss_csv(log, loss_csv)
+    write_loss_csv([{key: value for key, value in entry.items() if key not in CURVE_KEYS} for entry in log], loss_csv)
+    if fid_csv is not None:
+        write_loss_csv([{"step": entry["step"], **{key: entry[key] for key in CURVE_KEYS}}
+                        for entry in log if "fid" in entry], fid_csv)
     if checkpoint is not None:
         checkpoint.remove()
     return out_dir

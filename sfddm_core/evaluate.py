@@ -6,18 +6,26 @@ made by `sample_teacher` in a stage of their own (DVC caches them while only the
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torchvision.utils import make_grid, save_image
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.utils import make_grid
 
-from . import data, diffusion, fid, models, samplers
+from . import data, diffusion, fid, io, models, samplers, tracking
 from .config import Config
 from .errors import SfddmError
 from .io import atomic_dir, resolve_device, write_json
 
 SAMPLE_FILES = {"teacher_ddpm": "teacher_ddpm.npz", "teacher_ddim_full": "teacher_ddim_full.npz"}
+GRID_IMAGES = 64
+GRID_PIXELS = 64            # grids upscale each image (nearest neighbour) to at least this many pixels a side
+MONITOR_POINTS = 4          # training shows samples (and FIDs) this many times, the last at its end
+MONITOR_TEACHER_STEPS = 50  # the teacher's grids during training: DDIM on this many trailing timesteps
 
 
 def seeds(cfg: Config, count: int) -> np.ndarray:
@@ -66,18 +74,51 @@ def consistency_ratio(teacher: np.ndarray, student: np.ndarray) -> float:
     return float(same / different)
 
 
+def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
+    """Images in [-1, 1] (N, C, H, W) as one uint8 RGB grid (H', W', 3), each image upscaled by a whole
+    factor to at least GRID_PIXELS a side, so that 8 x 8 digits can be seen."""
+    scale = max(1, math.ceil(GRID_PIXELS / images.shape[-1]))
+    large = F.interpolate(images.float().clamp(-1, 1) * 0.5 + 0.5, scale_factor=scale, mode="nearest")
+    grid = make_grid(large, nrow=nrow, padding=max(1, scale // 2), pad_value=1.0)
+    return (grid * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def save_grid(path: Path, images: torch.Tensor, nrow: int = 8) -> None:
+    Image.fromarray(image_grid(images, nrow)).save(path)
+
+
 def write_reports(report_dir: Path, grids: dict[str, np.ndarray], side_by_side: tuple[np.ndarray, np.ndarray],
                   interpolation: torch.Tensor) -> None:
     """PNGs: a sample grid per sampler, teacher-vs-student rows from the same noises, a slerp strip."""
-    def to_float(images):
-        return data.to_model_range(images[:64]) * 0.5 + 0.5
     with atomic_dir(report_dir) as tmp:
         for name, images in grids.items():
-            save_image(to_float(images), tmp / f"samples_{name}.png", nrow=8, padding=1)
+            save_grid(tmp / f"samples_{name}.png", data.to_model_range(images[:GRID_IMAGES]))
         teacher, student = side_by_side
-        rows = torch.cat([to_float(teacher[:8]), to_float(student[:8])])
-        save_image(make_grid(rows, nrow=len(rows) // 2, padding=1), tmp / "teacher_vs_student.png")
-        save_image(interpolation * 0.5 + 0.5, tmp / "interpolation.png", nrow=len(interpolation), padding=1)
+        save_grid(tmp / "teacher_vs_student.png", data.to_model_range(np.concatenate([teacher[:8], student[:8]])))
+        save_grid(tmp / "interpolation.png", interpolation, nrow=len(interpolation))
+
+
+def training_monitor(cfg: Config, abar: np.ndarray, timesteps: Optional[np.ndarray], clip_denoised: bool, key: str,
+                     data_dir: Optional[Path] = None, classifier: Optional[Path] = None) -> Callable[[torch.nn.Module, int], dict]:
+    """training.fit's evaluate hook: a grid of the EMA model's DDIM samples (on `timesteps` of its
+    schedule abar; None: all) logged to MLflow as image `key` at its update. With the FID classifier
+    it also returns FID and KID of evaluate.num_samples samples against the test split, which join
+    the training log (the FID-along-training curve)."""
+    device, ec = resolve_device(cfg.device), cfg.evaluate
+    reference = data.load_split(data_dir, "test")[0] if classifier else None
+    network = fid.feature_network(ec, classifier) if classifier else None
+    count = ec.num_samples if classifier else GRID_IMAGES
+
+    def monitor(unet: torch.nn.Module, updates: int) -> dict:
+        model = models.DiffusionModel(unet, abar, clip_denoised)
+        images, _ = samplers.generate(model, seeds(cfg, count), "ddim", timesteps, ec.batch_size, device,
+                                      desc=f"{key} at update {updates}")
+        tracking.log_image(image_grid(images[:GRID_IMAGES]), key, updates)
+        if network is None:
+            return {}
+        d = fid.image_distances(network, reference, {key: data.to_uint8(images)}, ec.batch_size, device)[key]
+        return {"fid": round(d["fid"], 4), "kid": round(d["kid"], 6)}
+    return monitor
 
 
 def interpolate(model: models.DiffusionModel, cfg: Config, device, frames: int = 10) -> torch.Tensor:
@@ -102,7 +143,7 @@ def sample_to_files(cfg: Config, model_dir: Path, out_dir: Path, num_images: int
                                         cfg.evaluate.batch_size, resolve_device(cfg.device), desc=sampler)
     with atomic_dir(out_dir) as tmp:
         save_samples(tmp / "samples.npz", images, seconds, len(timesteps if steps else model.alphas_cumprod))
-        save_image(images * 0.5 + 0.5, tmp / "grid.png", nrow=int(np.ceil(np.sqrt(num_images))), padding=1)
+        save_grid(tmp / "grid.png", images, nrow=int(np.ceil(np.sqrt(num_images))))
     return out_dir
 
 
@@ -111,7 +152,7 @@ def evaluate(cfg: Config, teacher_dir: Path, student_dir: Path, teacher_samples:
     """sfddm evaluate: metrics/evaluate.json and the PNGs in reports/."""
     device, ec = resolve_device(cfg.device), cfg.evaluate
     teacher, student = models.load_model(teacher_dir), models.load_model(student_dir)
-    phi = np.asarray(models.student_provenance(student_dir)["phi"])
+    phi = np.asarray(io.student_provenance(student_dir)["phi"])
     stored = {name: load_samples(teacher_samples / file) for name, file in SAMPLE_FILES.items()}
     if len(stored["teacher_ddpm"]["images"]) != ec.num_samples:
         raise SfddmError(f"{teacher_samples}: holds {len(stored['teacher_ddpm']['images'])} samples, "

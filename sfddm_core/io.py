@@ -13,9 +13,10 @@ from typing import Iterator, Union
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, SfddmError
 
 PathLike = Union[str, Path]
+MANIFEST = "sfddm.json"     # in a folder sfddm wrote: its provenance and the sha256 of every other file
 
 
 @contextlib.contextmanager
@@ -96,3 +97,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda was asked for but no CUDA GPU is visible; use auto or cpu")
     return torch.device(name)
+
+
+def student_provenance(folder: PathLike) -> dict:
+    """sfddm.json of a student folder: phi, T, spacing, teacher source and hash (and "files", the hashes).
+    Here rather than in models so that reading it imports no diffusers (registration's no-op path)."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise SfddmError(f"{path}: missing; expected a student folder written by sfddm distill")
+    return json.loads(path.read_text())

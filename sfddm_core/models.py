@@ -22,7 +22,8 @@ from . import diffusion, io
 from .config import UNetConfig
 from .errors import SfddmError
 
-MANIFEST = "sfddm.json"     # in a folder sfddm wrote: its provenance and the sha256 of every other file
+MANIFEST = io.MANIFEST
+CARD = "README.md"          # a student folder's model card
 # The UNet weight files UNet2DModel.from_pretrained reads (no variant): whole or sharded, safetensors or pickle
 UNET_WEIGHTS = tuple(f"diffusion_pytorch_model.{kind}{index}" for kind in ("safetensors", "bin")
                      for index in ("", ".index.json"))
@@ -96,19 +97,58 @@ def student_scheduler(betas: np.ndarray, clip_sample: bool) -> DDIMScheduler:
 
 def save_student(unet: UNet2DModel, betas: np.ndarray, out_dir: Path, provenance: dict,
                  clip_sample: bool) -> None:
+    """The student as a DDIM pipeline folder with its model card (README.md) and sfddm.json."""
     DDIMPipeline(unet=unet, scheduler=student_scheduler(betas, clip_sample)).save_pretrained(out_dir)
+    io.atomic_write_text(Path(out_dir) / CARD, model_card(provenance))
     write_manifest(out_dir, provenance)
 
 
+def model_card(provenance: dict, metrics: Optional[dict] = None, model_name: Optional[str] = None) -> str:
+    """A Hugging Face style model card for a student folder: what it was distilled from and how
+    (provenance, as in sfddm.json), its FID and KID beside the teacher's (metrics, evaluate.json's
+    contents; absent until `sfddm evaluate`), and how to load it with diffusers or from MLflow."""
+    T, steps = provenance["teacher_timesteps"], provenance["student_steps"]
+    compute = provenance.get("training_compute", {})
+    lines = ["---", "library_name: diffusers", "pipeline_tag: unconditional-image-generation",
+             "tags: [sfddm, diffusion-distillation, ddim]", "---", "",
+             f"# A {steps}-step student of a {T}-step diffusion model", "",
+             f"Distilled with `sfddm` (method `{provenance['method']}`; SFDDM is single-fold distillation, "
+             "arXiv 2405.14961): the student's step i does the work of the teacher's steps down from phi_i.", "",
+             "| | |", "|---|---|",
+             f"| teacher steps T | {T} |", f"| student steps T' | {steps} |",
+             f"| phi (the teacher timestep of each student step) | {provenance['phi']} |",
+             f"| spacing | {provenance['spacing']} |",
+             f"| teacher | `{provenance['teacher_source']}`, sha256 `{provenance['teacher_sha256']}` |"]
+    if compute:
+        lines.append(f"| training | {compute['student_updates']} updates, {compute['teacher_forwards']} images "
+                     f"through the teacher, {compute['seconds']:.0f} s |")
+    lines += ["", "## Quality", ""]
+    if metrics:
+        lines += [f"{metrics['num_samples']} samples against the test split, features of "
+                  f"{metrics['feature_network']}; KID is the unbiased kernel distance (mean ± std over subsets).", "",
+                  "| sampler | network evaluations | FID | KID |", "|---|---|---|---|"]
+        names = {"student": f"this student, DDIM {steps} steps", "teacher_ddpm": f"teacher DDPM, {T} steps",
+                 "teacher_ddim": f"teacher DDIM on phi, {steps} steps"}
+        for key, name in names.items():
+            lines.append(f"| {name} | {metrics['nfe'][key]} | {metrics['fid'][key]:.2f} | "
+                         f"{metrics['kid'][key]:.4g} ± {metrics['kid_std'][key]:.3g} |")
+        lines += ["", f"Semantic consistency with the teacher's ODE (0: same image from the same noise; "
+                  f"about 1: unrelated): {metrics['consistency_ratio']}."]
+    else:
+        lines.append("Not measured yet: `sfddm evaluate` writes metrics/evaluate.json, and the registered "
+                     "model's card carries its FID and KID.")
+    lines += ["", "## Use", "", "```python", "from diffusers import DDIMPipeline", "",
+              "pipe = DDIMPipeline.from_pretrained(\"path/to/this/folder\")",
+              f"images = pipe(batch_size=16, num_inference_steps={steps}).images   # PIL images", "```", ""]
+    if model_name:
+        lines += ["From the MLflow registry (uint8 images, image k from the noise of seed + k):", "", "```python",
+                  "import mlflow, pandas as pd", "",
+                  f"model = mlflow.pyfunc.load_model(\"models:/{model_name}@champion\")",
+                  "images = model.predict(pd.DataFrame({\"num_images\": [16], \"seed\": [0]}))", "```", ""]
+    return "\n".join(lines)
+
+
 # ---- loading ----
-
-def student_provenance(folder: Path) -> dict:
-    """sfddm.json of a student folder: phi, T, spacing, teacher source and hash (and "files", the hashes)."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise SfddmError(f"{path}: missing; expected a student folder written by sfddm distill")
-    return json.loads(path.read_text())
-
 
 def betas_from_scheduler_config(config) -> np.ndarray:
     """The float64 betas a diffusers scheduler config describes (trained_betas, linear, scaled_linear,

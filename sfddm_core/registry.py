@@ -23,7 +23,6 @@ import json
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
@@ -87,18 +86,21 @@ def register(student_dir: PathLike, metrics_path: PathLike, data_dir: PathLike,
     logged to that run.
     """
     import mlflow
-
-    from . import models
     student_dir = Path(student_dir)
     tags = version_tags(student_dir, metrics_path, data_dir)
-    image_shape = models.load_model(student_dir).image_shape     # also checks the folder loads
     client, _ = tracking.connect()
     with tracking.mlflow_errors(f"registering {student_dir} as {model_name}"):
         existing = _find_registration(client, model_name, tags)
         if existing is None:
-            model_uri = log_student_model(student_dir, image_shape).model_uri
+            # Only a new version loads the model (torch and diffusers take seconds to import): a rerun
+            # of an unchanged pipeline, which `dvc repro` always runs, stays quick.
+            from . import models
+            image_shape = models.load_model(student_dir).image_shape     # also checks the folder loads
+            metrics = read_metrics(metrics_path)
+            model_uri = log_student_model(student_dir, image_shape, metrics, model_name).model_uri
             # Tags go in with the version, so no reader (promote) ever sees it untagged.
             version = int(mlflow.register_model(model_uri, model_name, tags=tags).version)
+            client.update_model_version(model_name, version, description=version_description(tags))
         else:
             version = int(existing.version)
         _set_alias(client, model_name, CHALLENGER, version)
@@ -108,8 +110,8 @@ def register(student_dir: PathLike, metrics_path: PathLike, data_dir: PathLike,
 def version_tags(student_dir: PathLike, metrics_path: PathLike, data_dir: PathLike) -> dict[str, str]:
     """The tags of a registration (VERSION_TAGS and METRICS_HASH_TAG), from the student's sfddm.json,
     the evaluate metrics file and the prepared data's meta.json."""
-    from . import io, models
-    provenance = models.student_provenance(Path(student_dir))
+    from . import io
+    provenance = io.student_provenance(student_dir)
     metrics = read_metrics(metrics_path)
     data_meta = Path(data_dir) / "meta.json"
     if not data_meta.is_file():
@@ -147,24 +149,44 @@ def read_metrics(path: PathLike) -> dict:
     return metrics
 
 
-def log_student_model(student_dir: Path, image_shape: tuple[int, int, int]):
+def version_description(tags: dict[str, str]) -> str:
+    """The registry's one-paragraph summary of a version, from its tags."""
+    return (f"{tags['T_student']}-step student of a {tags['T']}-step teacher ({tags['spacing']} spacing). "
+            f"FID {float(tags['fid.student']):.2f} against {float(tags['fid.teacher_ddpm']):.2f} for the teacher's "
+            f"{tags['T']}-step DDPM and {float(tags['fid.teacher_ddim']):.2f} for its {tags['T_student']}-step DDIM; "
+            f"KID {float(tags['kid.student']):.4g} ± {float(tags['kid_std.student']):.3g} "
+            f"(teacher DDPM {float(tags['kid.teacher_ddpm']):.4g}); {tags['num_samples']} samples, features of "
+            f"{tags['feature_network']}. Code {tags['git_commit'][:12]}. The model card is the artifact "
+            "student/README.md.")
+
+
+def log_student_model(student_dir: Path, image_shape: tuple[int, int, int], metrics: dict, model_name: str):
     """Log the student as a pyfunc model-from-code (sfddm_core/serving.py, no pickles) and return its
     ModelInfo; into the active stage run when there is one.
 
-    The diffusers folder is the artifact "student". A copy of sfddm_core travels with the model
-    (code_paths), so loading it needs the pinned requirements but not this project installed.
+    The diffusers folder is the artifact "student", its model card completed with the measured FID and
+    KID. A copy of sfddm_core travels with the model (code_paths), so loading it needs the pinned
+    requirements but not this project installed. The input example (two images, seed 0) is run once
+    by MLflow when logging, which checks that the logged model loads and predicts.
     """
+    import pandas as pd
     from mlflow import pyfunc
     from mlflow.models import Model
+
+    from . import io, models
     run = tracking.active_run()
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # No input example: MLflow would load and run the model at logging time just to check it.
-        warnings.filterwarnings("ignore", message=".*An input example was not provided")
+    with tempfile.TemporaryDirectory() as tmp:
+        student = Path(tmp) / "student"
+        shutil.copytree(student_dir, student)
+        provenance = {key: value for key, value in io.student_provenance(student).items() if key != "files"}
+        io.atomic_write_text(student / models.CARD, models.model_card(provenance, metrics, model_name))
+        models.write_manifest(student, provenance)          # the card changed: hash the files again
         package = Path(tmp) / "sfddm_core"
         shutil.copytree(SERVING_CODE.parent, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         return Model.log(artifact_path=None, name="student", flavor=pyfunc, run_id=run.run_id if run else None,
-                         python_model=str(SERVING_CODE), artifacts={"student": str(student_dir)},
+                         python_model=str(SERVING_CODE), artifacts={"student": str(student)},
                          code_paths=[str(package)], signature=serving_signature(image_shape),
+                         input_example=pd.DataFrame({"num_images": [2], "seed": [0]}),
                          pip_requirements=serving_requirements())
 
 

@@ -92,16 +92,25 @@ def generate(model: DiffusionModel, seeds: Sequence[int], sampler: str = "ddim",
     timesteps = np.arange(model.num_timesteps) if timesteps is None else np.asarray(timesteps)
     unet, sample = model.unet.to(device).eval(), SAMPLER_FUNCTIONS[sampler]
     images, seconds = [], 0.0
-    for start in tqdm(range(0, len(seeds), batch_size), desc=desc, unit="batch", leave=False):
-        generators = image_generators(seeds[start:start + batch_size])
-        x = gaussian(generators, model.image_shape, device) if noise is None else \
-            noise[start:start + batch_size].to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        began = time.perf_counter()
-        x = sample(unet, x, timesteps, model.alphas_cumprod, generators, clip_denoised)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - began
-        images.append(x.float().cpu())
+    starts = range(0, len(seeds), batch_size)
+    # The bar counts network evaluations (steps of every batch): a 1000-step batch moves it as it goes.
+    with tqdm(total=len(starts) * len(timesteps), desc=desc, unit="step", leave=False) as progress:
+        def count(module, inputs, output) -> None:     # returns None: the output is left as it is
+            progress.update()
+        tick = unet.register_forward_hook(count)
+        try:
+            for start in starts:
+                generators = image_generators(seeds[start:start + batch_size])
+                x = gaussian(generators, model.image_shape, device) if noise is None else \
+                    noise[start:start + batch_size].to(device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                began = time.perf_counter()
+                x = sample(unet, x, timesteps, model.alphas_cumprod, generators, clip_denoised)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds += time.perf_counter() - began
+                images.append(x.float().cpu())
+        finally:
+            tick.remove()
     return torch.cat(images), seconds

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import config as config_lib
-from . import data, diffusion, models
+from . import data, diffusion, evaluate, models, tracking
 from .config import Config
 from .errors import SfddmError
 from .io import atomic_dir, resolve_device
@@ -22,8 +22,11 @@ def denoising_loss(unet, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, a
     return F.mse_loss(unet(x_t, t).sample, eps)
 
 
-def train_teacher(cfg: Config, data_dir: Path,
-                  checkpoint: Optional[Checkpoint] = None) -> tuple[models.DiffusionModel, list[dict]]:
+def train_teacher(cfg: Config, data_dir: Path, checkpoint: Optional[Checkpoint] = None,
+                  on_log=None) -> tuple[models.DiffusionModel, list[dict]]:
+    """The trained teacher (EMA weights) and its loss log. on_log(entry) gets each step's log entry as
+    it is made (training.fit); with it, a grid of the teacher's DDIM samples (on MONITOR_TEACHER_STEPS
+    trailing timesteps) also goes to MLflow at evaluate.MONITOR_POINTS updates."""
     device = resolve_device(cfg.device)
     images, _ = data.load_split(data_dir, "train")
     if images.shape[1:] != (cfg.data.channels, cfg.data.image_size, cfg.data.image_size):
@@ -40,8 +43,12 @@ def train_teacher(cfg: Config, data_dir: Path,
         t = torch.as_tensor(rng.integers(0, tc.num_train_timesteps, tc.batch_size), device=device)
         return {"loss": denoising_loss(unet, x0, torch.randn_like(x0), t, abar)}
 
+    monitor = on_log and evaluate.training_monitor(
+        cfg, abar, diffusion.student_timesteps(len(abar), min(len(abar), evaluate.MONITOR_TEACHER_STEPS), "trailing"),
+        True, "teacher_samples")
     ema_unet, log = fit(unet, loss_fn, tc.iterations, tc.lr, tc.ema_decay, cfg.seed, desc="teacher",
-                        grad_clip=tc.grad_clip, checkpoint=checkpoint)
+                        evaluate_every=max(1, tc.iterations // evaluate.MONITOR_POINTS), evaluate=monitor,
+                        grad_clip=tc.grad_clip, checkpoint=checkpoint, on_log=on_log)
     return models.DiffusionModel(ema_unet.cpu(), abar), log
 
 
@@ -69,7 +76,7 @@ def run(cfg: Config, data_dir: Path, out_dir: Path, loss_csv: Path, checkpoint_d
                              "data.channels and data.image_size to match")
     else:
         checkpoint = training_checkpoint(cfg, data_dir, checkpoint_dir)
-        teacher, log = train_teacher(cfg, data_dir, checkpoint)
+        teacher, log = train_teacher(cfg, data_dir, checkpoint, on_log=tracking.log_step)
     with atomic_dir(out_dir) as tmp:
         config_lib.save(cfg, tmp / "sfddm_config.yaml")     # first: sfddm.json hashes the files before it
         models.save_teacher(teacher, tmp)

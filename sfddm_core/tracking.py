@@ -1,8 +1,8 @@
 """MLflow tracking of pipeline stages: one run per stage, grouped per pipeline execution.
 
     with tracking.stage_run("distill", cfg):
-        distill.run(...)
-        tracking.log_loss_csv("metrics/distill_loss.csv")
+        distill.run(...)            # training logs each step live (log_step) and sample grids (log_image)
+        tracking.log_loss_csv("metrics/distill_loss.csv")      # the CSV, and steps not logged live
 
 Environment:
     MLFLOW_TRACKING_URI     default sqlite:///mlflow.db; a local database keeps its artifacts in
@@ -45,6 +45,8 @@ PROBE_TIMEOUT_S = 5
 # within seconds instead. Settings already in the environment win.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+LIVE_FLUSH_SECONDS = 5.0                # training metrics reach MLflow in batches at most this far apart
+SYSTEM_METRICS_SECONDS = 10             # CPU, memory, GPU sampled by MLflow's monitor (psutil, pynvml)
 
 PathLike = Union[str, Path]
 
@@ -59,6 +61,9 @@ class StageRun:
 
 
 _active: Optional[StageRun] = None
+_pending: list = []                     # live metrics not yet sent (log_step)
+_last_flush = 0.0
+_live_steps: set = set()                # steps of the active run already logged live
 
 
 def enabled() -> bool:
@@ -167,18 +172,43 @@ def stage_run(stage: str, cfg=None) -> Iterator[Optional[StageRun]]:
         return
     run = _open_stage_run(stage)
     _active = run
+    _live_steps.clear()
+    monitor = _system_metrics(run)
     try:
         if cfg is not None:
             from .config import to_dict
             log_params(run, flatten(to_dict(cfg)))
         yield run
     except BaseException:
-        _active = None
         with contextlib.suppress(SfddmError):   # the stage's own error is the one to report
+            flush_live_metrics()
             _finish(run, "FAILED")
+        _end(monitor)
         raise
-    _active = None
+    flush_live_metrics()
+    _end(monitor)
     _finish(run, "FINISHED")
+
+
+def _system_metrics(run: StageRun):
+    """MLflow's system metrics monitor (CPU, memory, disk, network; GPUs where pynvml finds them) on
+    the stage run, sampled every SYSTEM_METRICS_SECONDS; None where it cannot start."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        monitor = SystemMetricsMonitor(run.run_id, sampling_interval=SYSTEM_METRICS_SECONDS,
+                                       tracking_uri=tracking_uri())
+        monitor.start()
+        return monitor
+    except Exception:                   # noqa: BLE001 - system metrics are a nicety, never a failure
+        return None
+
+
+def _end(monitor) -> None:
+    global _active
+    _active = None
+    if monitor is not None:
+        with contextlib.suppress(Exception):
+            monitor.finish()
 
 
 def active_run() -> Optional[StageRun]:
@@ -261,18 +291,57 @@ def log_params(run: StageRun, params: dict) -> None:
         run.client.log_batch(run.run_id, params=entries)
 
 
-def log_loss_csv(path: PathLike) -> None:
-    """Every numeric column of a loss log (columns step, loss, optional terms) as a metric per step,
-    and the CSV itself as an artifact under metrics/."""
+def log_step(entry: dict) -> None:
+    """One training log entry ({"step": n, "loss": ..., other terms}) as metrics at its step, while the
+    stage runs: buffered, and sent once LIVE_FLUSH_SECONDS have passed since the last send (and when
+    the stage ends), so a long training shows its curves in MLflow as it goes."""
+    global _last_flush
     if _active is None:
         return
+    _pending.extend(_metrics(entry, int(time.time() * 1000)))
+    _live_steps.add(int(entry["step"]))
+    if time.monotonic() - _last_flush >= LIVE_FLUSH_SECONDS:
+        flush_live_metrics()
+
+
+def flush_live_metrics() -> None:
+    global _last_flush
+    _last_flush = time.monotonic()
+    if _active is None or not _pending:
+        return
+    batch = list(_pending)
+    _pending.clear()
+    with mlflow_errors("logging training metrics"):
+        _active.client.log_batch(_active.run_id, metrics=batch)   # split into requests of <= 1000
+
+
+def _metrics(entry: dict, timestamp: int) -> list:
     from mlflow.entities import Metric
+    step = int(entry["step"])
+    return [Metric(key, float(value), timestamp, step) for key, value in entry.items()
+            if key != "step" and value not in ("", None) and math.isfinite(float(value))]
+
+
+def log_image(image, key: str, step: int) -> None:
+    """An image (uint8 array H x W x C, or PIL) under `key` at a training step: MLflow shows the
+    series with a step slider."""
+    if _active is None:
+        return
+    with mlflow_errors(f"logging image {key}"):
+        _active.client.log_image(_active.run_id, image, key=key, step=step, synchronous=True)
+
+
+def log_loss_csv(path: PathLike) -> None:
+    """A loss log (columns step, loss, optional terms): the CSV itself as an artifact under metrics/,
+    and as metrics every step that was not logged live (all of them for a log written elsewhere; the
+    steps before a resume, whose live metrics went to the interrupted run)."""
+    if _active is None:
+        return
     path = _existing(path)
     timestamp = int(time.time() * 1000)
     with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    metrics = [Metric(key, float(value), timestamp, int(row["step"]))
-               for row in rows for key, value in row.items() if key != "step" and value not in ("", None)]
+        rows = [row for row in csv.DictReader(handle) if int(row["step"]) not in _live_steps]
+    metrics = [metric for row in rows for metric in _metrics(row, timestamp)]
     with mlflow_errors(f"logging {path}"):
         # log_batch splits the list into requests of at most 1000 metrics each.
         _active.client.log_batch(_active.run_id, metrics=metrics)

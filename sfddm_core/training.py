@@ -94,16 +94,18 @@ def learning_rate(base_lr: float, iterations: int, warmup: int = 0, decay: str =
 
 def fit(model: torch.nn.Module, loss_fn: Callable[[int, np.random.Generator], dict], iterations: int,
         lr: Union[float, Callable[[int], float]], ema_decay: float, seed: int, desc: str, evaluate_every: int = 0,
-        evaluate: Optional[Callable[[torch.nn.Module], dict]] = None, grad_clip: Optional[float] = None,
-        checkpoint: Optional[Checkpoint] = None) -> tuple[torch.nn.Module, list[dict]]:
+        evaluate: Optional[Callable[[torch.nn.Module, int], dict]] = None, grad_clip: Optional[float] = None,
+        checkpoint: Optional[Checkpoint] = None,
+        on_log: Optional[Callable[[dict], None]] = None) -> tuple[torch.nn.Module, list[dict]]:
     """Train `model` in place for `iterations` Adam steps and return (its EMA copy, the loss log).
 
     lr: a number, or the learning rate at each update (learning_rate); being a function of the step
     alone, it needs no state of its own in a checkpoint.
     loss_fn(step, rng) returns a dict of scalar tensors whose "loss" entry is minimised; every entry is
     logged, with "seconds" of training so far. rng (numpy, seeded) draws batches and timesteps, so runs
-    repeat exactly on one device. evaluate(ema_model), if given, runs every `evaluate_every` updates and
-    after the last; its dict joins that step's log entry (its time is not counted in "seconds").
+    repeat exactly on one device. evaluate(ema_model, updates), if given, runs every `evaluate_every`
+    updates and after the last; its dict joins that step's log entry (its time is not counted in
+    "seconds"). on_log(entry) receives each step's finished log entry as it is made (live tracking).
     grad_clip: clip the gradient norm to this (None: off).
 
     checkpoint: every checkpoint.every updates the full state (weights, EMA, optimizer, step, loss log,
@@ -151,8 +153,10 @@ def fit(model: torch.nn.Module, loss_fn: Callable[[int, np.random.Generator], di
                                          for k, v in terms.items()}, "seconds": round(seconds, 3)})
             progress.set_postfix(loss=f"{loss.item():.4f}")
             if evaluate and ((step + 1) % evaluate_every == 0 or step + 1 == iterations):
-                log[-1].update(evaluate(ema_copy(model, ema)))
+                log[-1].update(evaluate(ema_copy(model, ema), step + 1))
                 model.train()
+            if on_log is not None:
+                on_log(log[-1])
             if checkpoint is not None and (step + 1) % checkpoint.every == 0 and step + 1 < iterations:
                 if not all(torch.isfinite(p).all() for p in model.parameters()):
                     stop("the weights became non-finite", step)

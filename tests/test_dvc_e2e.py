@@ -1,4 +1,5 @@
 """A real, tiny `dvc repro` of the whole pipeline in a temporary copy of the project."""
+import csv
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from conftest import TINY_PARAMS, merged
 
@@ -38,6 +40,22 @@ def project(tmp_path_factory):
     return project
 
 
+def ran_stages(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+def champion_predicts(project) -> bool:
+    """Load models:/sfddm-student@champion in a new process, as serving would, and sample two images."""
+    code = ("import mlflow, pandas as pd; "
+            "model = mlflow.pyfunc.load_model('models:/sfddm-student@champion'); "
+            "images = model.predict(pd.DataFrame({'num_images': [2], 'seed': [0]})); "
+            "assert images.shape == (2, 8, 8, 1) and images.dtype.name == 'uint8', images.shape")
+    result = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return True
+
+
 @pytest.mark.slow
 def test_dvc_repro_end_to_end(project):
     first = dvc(project, "repro")
@@ -50,16 +68,31 @@ def test_dvc_repro_end_to_end(project):
         assert set(metrics[distance]) == {"teacher_ddpm", "teacher_ddim", "student"}
     assert metrics["nfe"] == {"teacher_ddpm": 100, "teacher_ddim": 4, "student": 4}
     assert (project / "models/student/sfddm.json").is_file()
+    card = (project / "models/student/README.md").read_text()
+    assert "# A 4-step student of a 100-step teacher" in card and "num_inference_steps=4" in card
+    with Image.open(project / "reports/evaluate/samples_student.png") as grid:
+        assert grid.width >= 8 * 64                    # 8 x 8 digits upscaled to be seen
+    curve = list(csv.DictReader(open(project / "metrics/distill_fid.csv")))
+    assert [int(row["step"]) for row in curve] == [1, 3, 5, 7, 9] and all(float(row["fid"]) > 0 for row in curve)
     assert json.loads((project / "metrics/promote.json").read_text())["promoted"] is True
+    assert champion_predicts(project)                            # the README's serving snippet works
 
-    assert "Running stage" not in dvc(project, "repro")          # nothing changed: nothing runs
+    again = dvc(project, "repro")          # nothing changed: only the registry's stages run, and add nothing
+    assert ran_stages(again) == {"register", "promote"}, again
+    assert json.loads((project / "metrics/register.json").read_text()) == \
+        {"model_name": "sfddm-student", "version": 1, "created": False}
+
+    (project / "mlflow.db").unlink()       # a fresh registry behind unchanged files gets its champion back
+    shutil.rmtree(project / "mlartifacts")
+    assert ran_stages(dvc(project, "repro")) == {"register", "promote"}
+    assert json.loads((project / "metrics/register.json").read_text())["created"] is True
+    assert champion_predicts(project)
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["student"]["steps"] = 2
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     rerun = dvc(project, "repro")
-    ran = {line.split("'")[1] for line in rerun.splitlines() if line.startswith("Running stage")}
-    assert ran == {"distill", "evaluate", "register", "promote"}, rerun     # not the teacher's stages
+    assert ran_stages(rerun) == {"distill", "evaluate", "register", "promote"}, rerun   # not the teacher's
     assert json.loads((project / "metrics/evaluate.json").read_text())["nfe"]["student"] == 2
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_PARAMS, make_unet, merged
+from conftest import TINY_PARAMS, make_unet, merged, student_provenance
 
 from sfddm_core import config as config_lib
 from sfddm_core import data, diffusion, io, models, teacher
@@ -14,8 +14,7 @@ from sfddm_core.config import DataConfig
 from sfddm_core.errors import SfddmError
 
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
-STUDENT_PROVENANCE = {"method": "sfddm", "phi": [24, 49, 74, 99], "teacher_timesteps": 100, "student_steps": 4,
-                      "spacing": "trailing", "teacher_source": "models/teacher", "teacher_sha256": "ab" * 32}
+STUDENT_PROVENANCE = student_provenance([24, 49, 74, 99], teacher_timesteps=100)
 
 
 def tiny_abar() -> np.ndarray:
@@ -52,7 +51,7 @@ def test_sfddm_json_holds_the_sha256_of_every_other_file(tmp_path, role):
 
 def test_student_provenance_is_kept_beside_the_hashes(tmp_path):
     folder = write_student(tmp_path / "student")
-    provenance = models.student_provenance(folder)
+    provenance = io.student_provenance(folder)
     assert {key: provenance[key] for key in STUDENT_PROVENANCE} == STUDENT_PROVENANCE
 
 

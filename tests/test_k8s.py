@@ -1,9 +1,10 @@
 """Checks of the Kubernetes manifests in k8s/ (kustomize).
 
 Every kustomization (base and each overlay) is rendered with `kubectl kustomize` and
-the rendered objects are checked: resources, pinned images, placeholder-only Secrets,
-references between objects, probes, the MLflow server settings, the object store,
-PostgreSQL, the GPU node profile and the pipeline-runner RBAC.
+the rendered objects are checked: resources, pinned images, no Secrets (k8s/secrets.sh
+makes them, run here against a stand-in kubectl), references between objects, probes,
+the MLflow server settings and its authentication, the object store, PostgreSQL, the GPU
+node profile and quota, and the pipeline-runner RBAC.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from __future__ import annotations
 import base64
 import fnmatch
 import functools
+import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +35,8 @@ OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomizatio
 # pipeline-runner identity to KFP's namespace.
 STACKS = ["base"] + [o for o in OVERLAYS if o != "kfp-runs"]
 TARGETS = STACKS + (["kfp-runs"] if "kfp-runs" in OVERLAYS else [])
-PLACEHOLDERS = {"", "CHANGE_ME"}
+RUN_NAMESPACE = "kubeflow"      # overlays/kfp-runs, and k8s/secrets.sh's default
+COMPILED_PIPELINE = ROOT / "pipelines" / "sfddm_pipeline.yaml"
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod"}
 MLFLOW_HOST = "mlflow.sfddm.svc.cluster.local"
 
@@ -200,23 +205,26 @@ def test_pods_run_as_non_root_without_privileges(target):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_secrets_hold_only_placeholders(target):
-    for s in find(render(target), "Secret"):
-        name = s["metadata"]["name"]
-        for key, value in (s.get("stringData") or {}).items():
-            assert str(value) in PLACEHOLDERS, f"Secret {name}.{key} holds a real value"
-        for key, value in (s.get("data") or {}).items():
-            decoded = base64.b64decode(value).decode()
-            assert decoded in PLACEHOLDERS, f"Secret {name}.{key} holds a real value"
+def test_no_secrets_in_manifests(target):
+    """A Secret in the manifests (a CHANGE_ME template above all) would be reset by every
+    `kubectl apply -k`; k8s/secrets.sh creates them once instead."""
+    docs = render(target)
+    assert not find(docs, "Secret"), [s["metadata"]["name"] for s in find(docs, "Secret")]
+    assert "CHANGE_ME" not in yaml.safe_dump_all(docs)
 
 
 @pytest.mark.parametrize("target", STACKS)
-def test_references_resolve(target):
-    """Secrets, ConfigMaps (and their keys), service accounts and PVC templates used by
-    pods exist in the rendered output."""
+def test_references_resolve(target, script_secrets):
+    """ConfigMaps (and their keys), service accounts and PVC templates used by pods exist
+    in the rendered output; Secrets (and their keys) are those k8s/secrets.sh creates in
+    the namespace."""
     docs = render(target)
+    secrets = script_secrets[NAMESPACE]
 
     def keys(kind, name):
+        if kind == "Secret":
+            assert name in secrets, f"Secret {name} is not created by k8s/secrets.sh"
+            return set(secrets[name])
         obj = one(docs, kind, name)
         return set(obj.get("data") or {}) | set(obj.get("stringData") or {})
 
@@ -229,13 +237,13 @@ def test_references_resolve(target):
         claims = {t["metadata"]["name"] for t in doc["spec"].get("volumeClaimTemplates", [])}
         for v in volumes.values():
             if "secret" in v:
-                one(docs, "Secret", v["secret"]["secretName"])
+                keys("Secret", v["secret"]["secretName"])
             if "configMap" in v:
                 one(docs, "ConfigMap", v["configMap"]["name"])
         for c in containers(spec):
             for ef in c.get("envFrom", []):
                 if "secretRef" in ef:
-                    one(docs, "Secret", ef["secretRef"]["name"])
+                    keys("Secret", ef["secretRef"]["name"])
                 if "configMapRef" in ef:
                     one(docs, "ConfigMap", ef["configMapRef"]["name"])
             for e in c.get("env", []):
@@ -316,6 +324,7 @@ def test_pipeline_runner_identity(target):
     assert allows("pods/log", "get")
     assert allows("workflowtaskresults", "create")
     assert allows("secrets", "get", "sfddm-mlflow-s3")
+    assert allows("secrets", "get", "sfddm-mlflow-runner")
     assert allows("configmaps", "get", "sfddm-pipeline-settings")
     assert allows("configmaps", "get", "sfddm-gpu-profile")
     # Read rights on secrets are limited to named ones.
@@ -334,6 +343,27 @@ def test_kfp_runs_overlay_targets_kubeflow_without_secrets():
     docs = render("kfp-runs")
     assert not find(docs, "Secret"), "kfp-runs must not template Secrets (re-apply would overwrite them)"
     assert not workloads(docs)
+
+
+def test_gpu_quota_is_where_pipeline_pods_run():
+    """Pipeline pods run as the pipeline-runner service account in KFP's run namespace: a
+    GPU quota anywhere else (the sfddm namespace) caps nothing they request."""
+    docs = render("kfp-runs")
+    runner = one(docs, "ServiceAccount", "sfddm-pipeline-runner")
+    quotas = [q for q in find(docs, "ResourceQuota") if "requests.nvidia.com/gpu" in q["spec"]["hard"]]
+    assert len(quotas) == 1
+    quota = quotas[0]
+    assert quota["metadata"]["namespace"] == runner["metadata"]["namespace"] == RUN_NAMESPACE
+    # No GPU step of the pipeline asks for more than the quota allows (it would never start).
+    pipeline_spec = next(yaml.safe_load_all(COMPILED_PIPELINE.read_text()))
+    counts = [int(e["container"]["resources"]["accelerator"]["resourceCount"])
+              for e in pipeline_spec["deploymentSpec"]["executors"].values()
+              if "accelerator" in e["container"].get("resources", {})]
+    assert counts and max(counts) <= quantity("cpu", quota["spec"]["hard"]["requests.nvidia.com/gpu"])
+    # The stacks in namespace sfddm, where no pipeline pod runs, hold no GPU quota.
+    for target in STACKS:
+        for q in find(render(target), "ResourceQuota"):
+            assert "requests.nvidia.com/gpu" not in q["spec"]["hard"], (target, q["metadata"]["name"])
 
 
 # --------------------------------------------------------------------------- MLflow
@@ -403,6 +433,55 @@ def test_mlflow_server_settings(target):
     assert env["MLFLOW_S3_ENDPOINT_URL"]["value"] == "http://seaweedfs.sfddm.svc.cluster.local:8333"
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "sfddm-mlflow-s3", "key": key}
+
+
+@pytest.mark.parametrize("target", STACKS)
+def test_mlflow_requires_authentication(target):
+    """The basic-auth app, its config file written from the ConfigMap plus the database URI
+    by an init container into a volume the server reads, the admin and the CSRF key from
+    Secret sfddm-mlflow-admin. (tests/test_mlflow_auth.py runs this setup for real.)"""
+    docs, c = _mlflow(target)
+    assert _option(c, "--app-name", "MLFLOW_APP_NAME") == "basic-auth"
+    env = env_map(c)
+    config_path = env["MLFLOW_AUTH_CONFIG_PATH"]["value"]
+    spec = pod_spec(one(docs, "Deployment", "mlflow"))
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    config_dir = str(Path(config_path).parent)
+    assert config_dir in mounts
+    [writer] = [i for i in spec["initContainers"]
+                if any(m["name"] == mounts[config_dir] and not m.get("readOnly") for m in i.get("volumeMounts", []))]
+    writer_mounts = {m["name"]: m["mountPath"] for m in writer["volumeMounts"]}
+    script = " ".join(writer["command"] + writer["args"])
+    assert f"{writer_mounts[mounts[config_dir]]}/{Path(config_path).name}" in script
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes[mounts[config_dir]]["emptyDir"].get("medium") == "Memory"    # it holds the DB password
+    # The auth database: the same PostgreSQL database, its password from the Secret.
+    writer_env = env_map(writer)
+    uri = writer_env["AUTH_DATABASE_URI"]["value"]
+    assert uri == _option(c, "--backend-store-uri", "MLFLOW_BACKEND_STORE_URI")
+    assert writer_env["DB_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "sfddm-postgres", "key": "POSTGRES_PASSWORD"}
+    template_mount = next(writer_mounts[v] for v in writer_mounts if "configMap" in volumes[v])
+    template_map = next(volumes[v]["configMap"]["name"] for v in writer_mounts if "configMap" in volumes[v])
+    assert f"{template_mount}/basic_auth.ini" in script
+    ini = one(docs, "ConfigMap", template_map)["data"]["basic_auth.ini"]
+    assert ini.startswith("[mlflow]") and "database_uri" not in ini and "admin_password" not in ini
+    assert re.search(r"^default_permission = READ$", ini, re.M)
+    for name, key in (("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_TRACKING_USERNAME"),
+                      ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_PASSWORD"),
+                      ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_FLASK_SERVER_SECRET_KEY")):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "sfddm-mlflow-admin", "key": key}
+    # The runner's user comes from a Job running with the admin's credentials.
+    job = one(docs, "Job", "sfddm-mlflow-users")
+    job_env = env_map(pod_spec(job)["containers"][0])
+    assert job_env["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"]["name"] == "sfddm-mlflow-admin"
+    assert job_env["RUNNER_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "sfddm-mlflow-runner", "key": "MLFLOW_TRACKING_PASSWORD"}
+    assert pod_spec(job)["containers"][0]["image"] == c["image"]
+
+
+def test_mlflow_image_has_the_auth_dependency():
+    dockerfile = (K8S / "mlflow" / "Dockerfile").read_text()
+    assert re.search(r"Flask-WTF==1\.\d", dockerfile), "the basic-auth app imports flask_wtf (mlflow[auth])"
 
 
 @pytest.mark.parametrize("target", STACKS)
@@ -489,7 +568,7 @@ def test_bucket_job_creates_the_buckets(target):
     c = pod_spec(job)["containers"][0]
     assert c["image"].startswith("amazon/aws-cli:")
     buckets = env_map(c)["BUCKETS"]["value"].split()
-    assert set(buckets) >= {"mlflow-artifacts", "dvc"}
+    assert set(buckets) >= {"mlflow-artifacts", "sfddm-dvc"}
     _, mlflow = _mlflow(target)
     destination = _option(mlflow, "--artifacts-destination", "MLFLOW_ARTIFACTS_DESTINATION")
     assert destination.split("/")[2] in buckets
@@ -533,8 +612,6 @@ def test_gpu_overlay_applies_node_profile():
         if w["kind"] == "CronJob":
             assert w["spec"]["suspend"] is True
 
-    quotas = find(docs, "ResourceQuota")
-    assert any("requests.nvidia.com/gpu" in q["spec"]["hard"] for q in quotas)
     # A LimitRange max on GPUs would reject every pod without a GPU limit.
     for lr in find(docs, "LimitRange"):
         for limit in lr["spec"]["limits"]:
@@ -562,40 +639,138 @@ def test_local_overlay_is_smaller_than_base():
 
 # --------------------------------------------------------------------------- secrets flow
 
+# A stand-in for kubectl with a cluster of two namespaces, its state in a JSON file:
+# `get namespace`, `get secret NAME [-o jsonpath={.data.KEY}]`, and `create secret generic`,
+# which the real kubectl renders (--dry-run=client, which needs no cluster), so that
+# k8s/secrets.sh's arguments are the ones kubectl accepts.
+FAKE_KUBECTL = """
+import base64, json, os, subprocess, sys
+path = os.environ["FAKE_KUBE_STATE"]
+state = json.load(open(path))
+args = sys.argv[1:]
+ns = "default"
+if args[:1] == ["-n"]:
+    ns, args = args[1], args[2:]
+if args[:2] == ["get", "namespace"] and len(args) == 3:
+    sys.exit(0 if args[2] in state["namespaces"] else 1)
+if args[:2] == ["get", "secret"]:
+    secret = state["secrets"].get(ns, {}).get(args[2])
+    if secret is None:
+        sys.exit(f'Error from server (NotFound): secrets "{args[2]}" not found')
+    if len(args) == 3:
+        sys.exit(print(args[2]))
+    if args[3:] == ["-o", "jsonpath={.data}"]:
+        sys.exit(print(json.dumps(secret["data"], separators=(",", ":")), end=""))
+    if len(args) == 5 and args[3] == "-o" and args[4].startswith("jsonpath={.data.") and args[4].endswith("}"):
+        sys.exit(print(secret["data"][args[4][len("jsonpath={.data."):-1]], end=""))
+if args[:3] == ["create", "secret", "generic"]:
+    if ns not in state["namespaces"]:
+        sys.exit(f'Error from server (NotFound): namespaces "{ns}" not found')
+    if args[3] in state["secrets"].get(ns, {}):
+        sys.exit(f'Error from server (AlreadyExists): secrets "{args[3]}" already exists')
+    obj = json.loads(subprocess.run([os.environ["REAL_KUBECTL"], "-n", ns, *args, "--dry-run=client", "-o", "json"],
+                                    check=True, capture_output=True, text=True).stdout)
+    state["secrets"].setdefault(ns, {})[args[3]] = obj
+    json.dump(state, open(path, "w"))
+    sys.exit(print(f"secret/{args[3]} created"))
+sys.exit(f"fake kubectl: unsupported {sys.argv[1:]}")
+"""
 
-def test_private_overlay_replaces_secret_templates(tmp_path):
-    """The README's way to set real credentials: a private (git-ignored) overlay with
-    secretGenerator behavior=replace. Names stay the same, so references still hold."""
-    copy = tmp_path / "k8s"
-    shutil.copytree(K8S, copy, ignore=shutil.ignore_patterns("private", "*.env"))
-    private = copy / "overlays" / "private"
-    private.mkdir()
-    (private / "postgres.env").write_text("POSTGRES_PASSWORD=0123456789abcdef\n")
-    (private / "s3.env").write_text("AWS_ACCESS_KEY_ID=sfddmkey\nAWS_SECRET_ACCESS_KEY=fedcba9876543210\n")
-    (private / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "resources": ["../gpu"],
-                "secretGenerator": [
-                    {"name": "sfddm-postgres", "namespace": NAMESPACE, "behavior": "replace", "envs": ["postgres.env"]},
-                    {"name": "sfddm-mlflow-s3", "namespace": NAMESPACE, "behavior": "replace", "envs": ["s3.env"]},
-                ],
-                "generatorOptions": {"disableNameSuffixHash": True},
-            }
-        )
-    )
-    docs = kustomize(private)
-    pg = one(docs, "Secret", "sfddm-postgres")
-    assert "stringData" not in pg
-    assert base64.b64decode(pg["data"]["POSTGRES_PASSWORD"]).decode() == "0123456789abcdef"
-    s3 = one(docs, "Secret", "sfddm-mlflow-s3")
-    assert "stringData" not in s3
-    assert base64.b64decode(s3["data"]["AWS_SECRET_ACCESS_KEY"]).decode() == "fedcba9876543210"
-    # The ignore file keeps such overlays and env files out of git.
-    ignored = (K8S / ".gitignore").read_text().split()
-    assert "*.env" in ignored and "overlays/private/" in ignored
+
+class FakeCluster:
+    def __init__(self, root: Path, namespaces=(NAMESPACE, RUN_NAMESPACE)):
+        self.state = root / "cluster.json"
+        self.state.write_text(json.dumps({"namespaces": list(namespaces), "secrets": {}}))
+        self.kubectl = root / "kubectl"
+        self.kubectl.write_text(f"#!{sys.executable}\n{FAKE_KUBECTL}")
+        self.kubectl.chmod(0o755)
+
+    def secrets_script(self, *args) -> subprocess.CompletedProcess:
+        env = {**os.environ, "KUBECTL": str(self.kubectl), "FAKE_KUBE_STATE": str(self.state),
+               "REAL_KUBECTL": KUBECTL}
+        return subprocess.run(["sh", str(K8S / "secrets.sh"), *args], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    def secrets(self) -> dict:
+        """{namespace: {name: {key: value}}}"""
+        return {ns: {name: {k: base64.b64decode(v).decode() for k, v in obj["data"].items()}
+                     for name, obj in secrets.items()}
+                for ns, secrets in json.loads(self.state.read_text())["secrets"].items()}
+
+
+@pytest.fixture(scope="module")
+def script_secrets(tmp_path_factory) -> dict:
+    """What k8s/secrets.sh creates in an empty cluster: {namespace: {name: {key: value}}}."""
+    cluster = FakeCluster(tmp_path_factory.mktemp("cluster"))
+    result = cluster.secrets_script()
+    assert result.returncode == 0, result.stdout + result.stderr
+    return cluster.secrets()
+
+
+def test_secrets_script_makes_random_values_and_never_overwrites(tmp_path, script_secrets):
+    cluster = FakeCluster(tmp_path)
+    result = cluster.secrets_script(RUN_NAMESPACE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    first = cluster.secrets()
+    assert set(first) == {NAMESPACE, RUN_NAMESPACE}
+    # Random: another cluster got other values; long enough (MLflow wants passwords of 12+
+    # characters); hex, so safe in the database URI and SeaweedFS's JSON identity file.
+    for name, data in first[NAMESPACE].items():
+        for key, value in data.items():
+            assert value not in ("", "CHANGE_ME")
+            if key != "MLFLOW_TRACKING_USERNAME":
+                assert re.fullmatch(r"[0-9a-f]{20,}", value), (name, key, value)
+                assert value != script_secrets[NAMESPACE][name][key], (name, key)
+    # The run namespace holds copies of what pipeline tasks need.
+    for name, data in first[RUN_NAMESPACE].items():
+        assert data == first[NAMESPACE][name]
+    # Run again (as after every apply): everything kept as it was.
+    again = cluster.secrets_script(RUN_NAMESPACE)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "kept" in again.stdout and cluster.secrets() == first
+
+
+def test_secrets_script_keeps_but_flags_an_old_change_me_template(tmp_path):
+    """A cluster that applied the old Secret templates: the Secret is kept (PostgreSQL may have been
+    initialised with it), and the script says that it still holds the placeholder."""
+    cluster = FakeCluster(tmp_path)
+    state = json.loads(cluster.state.read_text())
+    state["secrets"][NAMESPACE] = {"sfddm-postgres": {"data": {
+        "POSTGRES_PASSWORD": base64.b64encode(b"CHANGE_ME").decode()}}}
+    cluster.state.write_text(json.dumps(state))
+    result = cluster.secrets_script()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "sfddm-postgres in sfddm still holds CHANGE_ME" in result.stderr
+    assert cluster.secrets()[NAMESPACE]["sfddm-postgres"] == {"POSTGRES_PASSWORD": "CHANGE_ME"}
+    assert "CHANGE_ME" not in json.dumps({n: d for n, d in cluster.secrets()[NAMESPACE].items() if n != "sfddm-postgres"})
+
+
+def test_secrets_script_stops_without_the_namespaces(tmp_path):
+    cluster = FakeCluster(tmp_path, namespaces=(NAMESPACE,))
+    result = cluster.secrets_script("some-profile")
+    assert result.returncode != 0 and "namespace some-profile does not exist" in result.stderr
+
+
+def test_pipeline_tasks_get_secrets_that_the_script_creates_in_the_run_namespace(script_secrets):
+    """Every Secret a compiled pipeline task takes as env exists, with its keys, where runs
+    execute; MLflow credentials of the pipeline runner among them."""
+    _, platform_spec = yaml.safe_load_all(COMPILED_PIPELINE.read_text())
+    executors = platform_spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert executors
+    run_secrets = script_secrets[RUN_NAMESPACE]
+    for name, config in executors.items():
+        by_name = {}
+        for source in config.get("secretAsEnv", []):
+            secret = source["secretName"]
+            assert secret in run_secrets, f"{name}: Secret {secret} is not created by k8s/secrets.sh"
+            keys = {entry["secretKey"] for entry in source["keyToEnv"]}
+            assert keys <= set(run_secrets[secret]), (name, secret)
+            by_name[secret] = {entry["envVar"] for entry in source["keyToEnv"]}
+        assert by_name.get("sfddm-mlflow-runner") == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}, name
+    # The runner's Role may read exactly these Secrets by name.
+    role = one(render("kfp-runs"), "Role", "sfddm-pipeline-runner")
+    readable = {n for rule in role["rules"] if "secrets" in rule["resources"] for n in rule["resourceNames"]}
+    assert set(run_secrets) <= readable
 
 
 def test_readme_explains_install_next_to_kfp():
@@ -603,8 +778,9 @@ def test_readme_explains_install_next_to_kfp():
     for needle in (
         "kubectl apply -k k8s/overlays/gpu",
         f"http://{MLFLOW_HOST}:5000",
-        "create secret generic",
-        "--dry-run=client -o yaml | kubectl apply -f -",
+        "k8s/secrets.sh",
+        "sfddm-mlflow-runner",
+        "basic-auth",
         "sfddm-pipeline-runner",
         "dvc remote",
         "docker build",

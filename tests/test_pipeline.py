@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import TINY_PARAMS
 
-from components.image import DEFAULT_IMAGE
+from components import image as image_lib
 from pipelines import gpu_profile, run_local, submit
 from pipelines.sfddm_pipeline import COMPILED_PIPELINE, REPO_ROOT
 from sfddm_core.errors import SfddmError
@@ -49,23 +49,39 @@ def tasks(spec):
     return found
 
 
-def test_committed_pipeline_is_a_fresh_compile(tmp_path):
-    # A fresh interpreter without the compile-time settings: the image is read when components import.
-    env = {key: value for key, value in os.environ.items() if key not in ("SFDDM_IMAGE", "SFDDM_GPU_PROFILE")}
+def committed_image(spec):
+    [image] = {container["image"] for container in executors(spec).values()}
+    return image
+
+
+def test_committed_pipeline_is_a_fresh_compile(spec, tmp_path):
+    # A fresh interpreter without compile-time settings. The image is the one thing that differs between
+    # commits (it names the commit it was compiled at, so it can never name the commit that holds it):
+    # compile with the committed one; test_every_step_runs_the_one_image_and_installs_nothing checks it.
+    env = {key: value for key, value in os.environ.items() if key != "SFDDM_GPU_PROFILE"}
     fresh = tmp_path / "sfddm_pipeline.yaml"
-    script = f"from pipelines import compile_pipeline; compile_pipeline({str(fresh)!r})"
+    script = (f"from pipelines import compile_pipeline; "
+              f"compile_pipeline({str(fresh)!r}, image={committed_image(spec)!r})")
     subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, check=True)
     committed, compiled = COMPILED_PIPELINE.read_text(), fresh.read_text()
     diff = "".join(list(difflib.unified_diff(committed.splitlines(True), compiled.splitlines(True),
                                              "committed", "fresh compile"))[:60])
-    assert committed == compiled, f"{COMPILED_PIPELINE} is stale: run `sfddm pipeline compile`\n{diff}"
+    assert committed == compiled, (f"{COMPILED_PIPELINE} is stale: run `make pipeline` (or `sfddm pipeline compile "
+                                  f"--image REF` while image files are uncommitted)\n{diff}")
 
 
 def test_every_step_runs_the_one_image_and_installs_nothing(spec):
+    image = committed_image(spec)
+    assert image_lib.check(image) == image      # commit-tagged or a digest, never a moving tag
+    if "@" not in image:                        # the commit it names is this one or an earlier one
+        sha = image.rpartition(":" + image_lib.COMMIT_TAG_PREFIX)[2]
+        subprocess.run(["git", "merge-base", "--is-ancestor", sha, "HEAD"], cwd=REPO_ROOT, check=True)
     for name, container in executors(spec).items():
-        assert container["image"] == DEFAULT_IMAGE, name
+        assert container["image"] == image, name
         assert "pip install" not in " ".join(container["command"] + container.get("args", [])), name
-    assert set(executors(spec)) == GPU_STEPS | CPU_STEPS
+    for name, config in k8s_executors(spec).items():
+        assert config["imagePullPolicy"] == "IfNotPresent", name       # right for an immutable reference
+    assert set(executors(spec)) == set(k8s_executors(spec)) == GPU_STEPS | CPU_STEPS
 
 
 def test_gpu_steps_get_a_gpu_on_the_gpu_pool_and_cpu_steps_do_not(spec):
@@ -93,10 +109,9 @@ def test_every_step_gets_mlflow_and_store_settings_and_the_run_id(spec):
                for entry in source["keyToEnv"]}
         assert env["MLFLOW_TRACKING_URI"] == "MLFLOW_TRACKING_URI", name
         assert env["AWS_ENDPOINT_URL"] == env["MLFLOW_S3_ENDPOINT_URL"] == "AWS_ENDPOINT_URL", name
-        [secret] = config["secretAsEnv"]
-        assert secret["secretName"] == "sfddm-mlflow-s3"
-        assert {entry["envVar"] for entry in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID",
-                                                                      "AWS_SECRET_ACCESS_KEY"}
+        secrets = {s["secretName"]: {e["envVar"] for e in s["keyToEnv"]} for s in config["secretAsEnv"]}
+        assert secrets == {"sfddm-mlflow-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+                           "sfddm-mlflow-runner": {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}}, name
         assert config["fieldPathAsEnv"] == [{"fieldPath": "metadata.labels['pipeline/runid']",
                                              "name": "SFDDM_PIPELINE_RUN"}], name
 
@@ -147,7 +162,8 @@ def test_unknown_pipeline_argument_is_refused_before_running(tmp_path):
 def test_submit_to_an_unreachable_host_fails_fast_with_one_line():
     started = time.monotonic()
     with pytest.raises(SfddmError) as error:
-        submit("http://127.0.0.1:1", arguments={"student_steps": 8, "max_fid": 40})
+        submit("http://127.0.0.1:1", arguments={"student_steps": 8, "max_fid": 40},
+               image="ghcr.io/sfddm/sfddm:git-0123456789ab")
     assert time.monotonic() - started < 15
     message = str(error.value)
     assert len(message.splitlines()) == 1 and "127.0.0.1:1" in message and "unreachable" in message

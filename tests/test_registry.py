@@ -6,6 +6,9 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
+import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -14,6 +17,7 @@ from sfddm_core import diffusion, io, models, registry, tracking
 from sfddm_core.config import UNetConfig
 from sfddm_core.errors import SfddmError
 
+from conftest import student_provenance
 from mlflow_server import free_port, mlflow_servers, s3_keys  # noqa: F401 (mlflow_servers: a fixture)
 
 STEPS = 4
@@ -28,9 +32,7 @@ def student(tmp_path_factory):
                                         norm_num_groups=4), 8, 1)
     phi = diffusion.student_timesteps(1000, STEPS, "trailing")
     betas = diffusion.student_betas(diffusion.alphas_cumprod(diffusion.beta_schedule("linear", 1000)), phi)
-    models.save_student(unet, betas, root / "student", {
-        "phi": phi.tolist(), "teacher_timesteps": 1000, "student_steps": STEPS, "spacing": "trailing",
-        "teacher_source": "models/teacher", "teacher_sha256": "ab" * 32}, clip_sample=False)
+    models.save_student(unet, betas, root / "student", student_provenance(phi), clip_sample=False)
     (root / "data").mkdir()
     (root / "data" / "meta.json").write_text('{"source": "digits"}\n')
     return root
@@ -94,6 +96,14 @@ def test_register_tags_the_version_and_is_idempotent(student, server_env):
     assert version.tags["fid.student"] == "3.0" and version.tags["T"] == "1000"
     assert version.tags["T_student"] == str(STEPS) and version.tags["spacing"] == "trailing"
     assert version.tags["student_sha256"] == io.sha256_tree(student / "student")
+    assert version.description.startswith(f"{STEPS}-step student of a 1000-step teacher") and "FID 3.00" in \
+        version.description
+    # The registered folder's model card carries the measured numbers; its manifest still verifies.
+    logged = mlflow.artifacts.download_artifacts(f"models:/idempotent/{first.version}")
+    card = (Path(logged) / "artifacts" / "student" / "README.md").read_text()
+    assert "| this student, DDIM 4 steps | 4 | 3.00 |" in card and "models:/idempotent@champion" in card
+    assert models.load_model(Path(logged) / "artifacts" / "student").num_timesteps == STEPS
+    assert (Path(logged) / "serving_input_example.json").is_file()     # the input example, run when logged
     # Same student, new metrics: a new version, and challenger follows it.
     other = register(student, 2.5, "idempotent")
     assert other.created and other.version == first.version + 1

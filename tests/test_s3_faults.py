@@ -11,7 +11,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import make_unet
+from conftest import make_unet, student_provenance
 
 from mlflow_server import S3_ENV
 from s3_faults import DROP, FAULT_KINDS, TRUNCATE, first_tries, moto_endpoint, proxy  # noqa: F401 (fixtures)
@@ -237,7 +237,7 @@ def test_mlflow_s3_artifacts_survive_transient_faults(proxy, moto_endpoint, tmp_
     s3(moto_endpoint).create_bucket(Bucket=MLFLOW_BUCKET)
     student = tmp_path / "student"
     phi = diffusion.student_timesteps(1000, 4, "trailing")
-    models.save_student(unet, diffusion.student_betas(linear_abar, phi), student, {"phi": phi.tolist()},
+    models.save_student(unet, diffusion.student_betas(linear_abar, phi), student, student_provenance(phi),
                         clip_sample=False)
     repo = S3ArtifactRepository(f"s3://{MLFLOW_BUCKET}/1/run/artifacts")
 

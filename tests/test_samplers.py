@@ -6,7 +6,7 @@ from diffusers import DDIMPipeline
 
 from sfddm_core import diffusion, models, samplers
 
-from conftest import make_unet
+from conftest import make_unet, student_provenance
 
 
 @pytest.mark.parametrize("clip", [True, False])
@@ -78,11 +78,50 @@ def test_images_do_not_depend_on_batch_size(linear_abar):
 
 def test_exported_student_samples_with_diffusers_alone(tmp_path, unet, linear_abar):
     phi = diffusion.student_timesteps(1000, 4, "trailing")
-    models.save_student(unet, diffusion.student_betas(linear_abar, phi), tmp_path / "student", {"phi": phi.tolist()},
-                        clip_sample=False)
+    models.save_student(unet, diffusion.student_betas(linear_abar, phi), tmp_path / "student",
+                        student_provenance(phi), clip_sample=False)
     pipe = DDIMPipeline.from_pretrained(tmp_path / "student")
     out = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np")
     assert out.images.shape == (2, 8, 8, 1)
     loaded = models.load_model(tmp_path / "student")
     np.testing.assert_allclose(loaded.alphas_cumprod, linear_abar[phi], rtol=1e-12)
     assert loaded.clip_denoised is False          # the sampler setting travels in the scheduler config
+
+
+def test_progress_counts_network_evaluations_not_batches(monkeypatch, linear_abar):
+    """3 images in batches of 2 over 5 timesteps: the bar's total and its ticks are 2 x 5 steps, and the
+    counting hook leaves the network as it was."""
+    bars = []
+
+    class Recorder:
+        def __init__(self, total, **kwargs):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+            return True          # tqdm's answer when it redraws: must not replace the network's output
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(samplers, "tqdm", Recorder)
+    model = models.DiffusionModel(make_unet(), linear_abar)
+    images, _ = samplers.generate(model, [0, 1, 2], "ddim", [0, 250, 500, 750, 999], batch_size=2)
+    assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all()
+    assert [(bar.total, bar.n) for bar in bars] == [(10, 10)]
+    assert not model.unet._forward_hooks
+
+
+def test_grids_upscale_small_images_to_be_seen():
+    from sfddm_core import evaluate
+    images = torch.linspace(-1, 1, 2 * 64).reshape(2, 1, 8, 8)
+    grid = evaluate.image_grid(images, nrow=2)
+    scale = evaluate.GRID_PIXELS // 8                        # 8 px digits become 64 px
+    assert grid.dtype == np.uint8 and grid.shape == (64 + 2 * (scale // 2), 2 * 64 + 3 * (scale // 2), 3)
+    pad = scale // 2
+    block = grid[pad:pad + scale, pad:pad + scale, 0]        # the first pixel, repeated scale x scale
+    assert (block == block[0, 0]).all() and block[0, 0] == 0

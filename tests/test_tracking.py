@@ -123,3 +123,51 @@ def test_tracking_off_logs_nothing(tracking_db, tmp_path, monkeypatch):
         tracking.log_metrics_file(tmp_path / "evaluate.json")
         tracking.log_artifacts(tmp_path / "reports")
     assert run is None
+
+
+@pytest.mark.slow
+def test_training_losses_reach_mlflow_while_the_stage_still_runs(tracking_db, tmp_path):
+    """A real `sfddm train-teacher` in another process: its run shows loss history while RUNNING, and
+    ends with every step's loss, a sample grid per monitor point (images with their step) and the
+    system metrics MLflow's monitor samples."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+    from conftest import TINY_PARAMS, merged
+
+    root = Path(__file__).resolve().parents[1]
+    iterations = 600
+    params = merged(yaml.safe_load((root / "params.yaml").read_text()),
+                    merged(TINY_PARAMS, {"teacher": {"iterations": iterations}}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    sfddm = str(Path(sys.executable).parent / "sfddm")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sfddm, "prepare"], cwd=tmp_path, env={**env, "SFDDM_TRACKING": "off"}, check=True,
+                   capture_output=True)
+    stage = subprocess.Popen([sfddm, "train-teacher"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    seen_live = []
+    try:
+        while stage.poll() is None and not seen_live:
+            for run in tracking_db.search_runs([e.experiment_id for e in tracking_db.search_experiments()],
+                                               f"tags.`{tracking.STAGE_TAG}` = 'train_teacher'"):
+                history = tracking_db.get_metric_history(run.info.run_id, "loss")
+                if history and tracking_db.get_run(run.info.run_id).info.status == "RUNNING":
+                    seen_live.append(len(history))
+            time.sleep(0.5)
+        _, stderr = stage.communicate(timeout=600)
+    finally:
+        stage.kill()
+    assert stage.returncode == 0, stderr[-2000:]
+    assert seen_live and seen_live[0] < iterations            # losses were there before the end
+    [run] = tracking_db.search_runs([e.experiment_id for e in tracking_db.search_experiments()],
+                                    f"tags.`{tracking.STAGE_TAG}` = 'train_teacher'")
+    assert run.info.status == "FINISHED"
+    history = tracking_db.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(iterations))      # each step once: none twice
+    images = tracking_db.list_artifacts(run.info.run_id, "images")
+    assert len(images) >= 4, [a.path for a in images]          # a grid (and its thumbnail) per point
+    assert any(name.startswith("system/") for name in run.data.metrics), sorted(run.data.metrics)
