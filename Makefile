@@ -41,6 +41,7 @@ bench: install
 	$(BIN)/sfddm bench quality --readme README.md
 	$(BIN)/sfddm bench quality --profile full --readme README.md
 	$(BIN)/sfddm bench speed --readme README.md
+	$(BIN)/sfddm bench preemption --readme README.md
 
 pipeline: install
 	$(BIN)/sfddm pipeline compile --image $(IMAGE_REF)

@@ -13,6 +13,7 @@ from .resolve_config import resolve_config
 from .sample_teacher import sample_teacher
 from .train_classifier import train_classifier
 from .train_teacher import train_teacher
+from .training_plan import training_plan
 
 __all__ = ["distill", "evaluate", "prepare_data", "promote", "register", "resolve_config", "sample_teacher",
-           "train_classifier", "train_teacher"]
+           "train_classifier", "train_teacher", "training_plan"]

@@ -5,16 +5,22 @@ from .image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def train_teacher(config: str, dataset: Input[Dataset], teacher_model: Output[Model],
-                  loss_log: Output[Dataset]):
-    """sfddm train-teacher: train the T-step teacher DDPM, or import the pretrained one."""
+def train_teacher(config: str, dataset: Input[Dataset], teacher_model: Output[Model], loss_log: Output[Dataset],
+                  num_nodes: int = 1, gpus_per_node: int = 1, shared_root: str = "", training_pvc: str = "",
+                  budget_hours: float = 0.0, image: str = "", gpu_profile: str = ""):
+    """sfddm train-teacher: train the T-step teacher DDPM, or import the pretrained one.
+
+    1 node x 1 GPU (or an import) trains here; more launch a Kubeflow Trainer TrainJob running torchrun
+    (pipelines/launcher.py). Training state lives under shared_root (the mounted training volume), so a
+    retry resumes; "" keeps none (a bare call of the component).
+    """
     import json
-    from pathlib import Path
 
-    from sfddm_core import config as config_lib, teacher, tracking
+    from pipelines import launcher
 
-    cfg = config_lib.from_dict(json.loads(config))
-    with tracking.stage_run("train_teacher", cfg):
-        teacher.run(cfg, Path(dataset.path), Path(teacher_model.path), Path(loss_log.path))
-        tracking.log_loss_csv(loss_log.path)
-    teacher_model.metadata["num_train_timesteps"] = cfg.teacher.num_train_timesteps
+    where = launcher.train_stage(
+        "teacher", config, data_dir=dataset.path, out_dir=teacher_model.path, loss_csv=loss_log.path,
+        num_nodes=num_nodes, gpus_per_node=gpus_per_node, shared_root=shared_root, image=image,
+        claim=training_pvc, budget_hours=budget_hours, gpu_profile=gpu_profile)
+    teacher_model.metadata["num_train_timesteps"] = json.loads(config)["teacher"]["num_train_timesteps"]
+    teacher_model.metadata["trained_on"] = "this pod" if where.in_pod else f"{num_nodes} x {gpus_per_node} GPUs"

@@ -23,6 +23,7 @@ from sfddm_core.errors import SfddmError
 from .sfddm_pipeline import DEFAULT_PARAMS, PIPELINE_RUN_ENV, build_pipeline, resolved_params
 
 LOCAL_PIPELINE_ROOT = Path("kfp-local")
+LOCAL_SHARED = "shared"         # under the pipeline root: the training volume of local runs
 DEFAULT_EXPERIMENT = "sfddm"
 SERVICE_ACCOUNT = "sfddm-pipeline-runner"       # k8s/pipeline-runner/rbac.yaml
 PROBE_TIMEOUT_S = 5
@@ -43,9 +44,11 @@ def run_local(params_path: PathLike = DEFAULT_PARAMS, overrides: Optional[dict] 
     image. Outputs go under pipeline_root/<pipeline>-<time>/<task>/. overrides are dotted params keys
     (as `sfddm --set`), arguments the pipeline's own parameters (student_steps, max_fid, ...). Kubernetes
     settings do not apply; MLflow is wherever MLFLOW_TRACKING_URI points (default sqlite:///mlflow.db).
+    kfp.local mounts no volumes: pipeline_root/shared stands in for the training volume, so the training
+    steps' checkpoints outlive a killed run and the next run with the same settings resumes them.
     """
     params = resolved_params(params_path, overrides)
-    pipeline = build_pipeline(params_path)
+    pipeline = build_pipeline(params_path, shared_root=Path(pipeline_root).resolve() / LOCAL_SHARED)
     arguments = _checked_arguments(pipeline, arguments)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
     # kfp.local sets no run id of its own in the tasks' environment; the tasks inherit this one.

@@ -1,7 +1,7 @@
 """The sfddm Kubeflow pipeline: the stages of dvc.yaml as a DAG of components (components/).
 
     resolve_config -> prepare_data -+-> train_classifier ---------------------+
-                                    +-> train_teacher -+-> sample_teacher ----+-> evaluate -> register
+                   -> training_plan +-> train_teacher -+-> sample_teacher ----+-> evaluate -> register
                                                        +-> distill -----------+
     promote (register's version), only if evaluate's student FID <= max_fid
 
@@ -13,7 +13,17 @@ stale result from KFP's cache (dvc.yaml, which lists each stage's keys, is the f
 GPU steps get the GPU profile (pipelines/gpu_profile.py); every step gets MLflow and object-store
 settings from the run namespace (k8s/pipeline-runner) and the run id as SFDDM_PIPELINE_RUN, which groups
 its MLflow runs.
+
+Scale: `num_nodes` x `gpus_per_node` for the teacher and distill steps. At 1 x 1 (and for an imported
+teacher) the step trains in its own pod with one GPU; beyond, the step submits a Kubeflow Trainer TrainJob
+that runs torchrun on num_nodes pods and waits for it, at most the stage's budget (`teacher_budget_hours`,
+`distill_budget_hours`) (pipelines/launcher.py, pipelines/trainjob.py). training_plan decides which, at
+run time, and sizes the steps' pods to match: a step that waits for a TrainJob holds no GPU. Both steps
+mount the ReadWriteMany claim `training_pvc` (k8s/overlays/kfp-runs) at trainjob.SHARED_MOUNT, where
+training state lives under checkpoints/<stage>/<settings fingerprint>: a retried step (set_retry) resumes
+it, in its pod or through a new TrainJob.
 """
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,29 +35,15 @@ import components
 from components import image as image_lib
 from sfddm_core import config
 
-from . import gpu_profile
+from . import gpu_profile, trainjob
+# The run namespace's settings (names kept importable from here, as before they moved to settings.py).
+from .settings import (DEFAULT_BUDGET_HOURS, MLFLOW_S3_ENV, MLFLOW_SECRET, MLFLOW_SECRET_ENV, PIPELINE_RUN_ENV,
+                       RUN_ID_FIELD, S3_SECRET, S3_SECRET_ENV, SETTINGS_CONFIG_MAP, SETTINGS_ENV)
 
 PIPELINE_NAME = "sfddm"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 COMPILED_PIPELINE = Path(__file__).with_name("sfddm_pipeline.yaml")
-# The ConfigMap and Secret that k8s/pipeline-runner and k8s/README.md ("Secrets") create in the
-# namespace where runs execute: {key: environment variable}.
-SETTINGS_CONFIG_MAP = "sfddm-pipeline-settings"
-SETTINGS_ENV = {key: key for key in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
-                                     "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION")}
-# MLflow reads the S3 endpoint from a variable of its own; the ConfigMap names the store once.
-MLFLOW_S3_ENV = {"AWS_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL"}
-S3_SECRET = "sfddm-mlflow-s3"
-S3_SECRET_ENV = {key: key for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-# The pipeline runner's MLflow user (the server requires authentication; k8s/base/mlflow-auth.yaml).
-MLFLOW_SECRET = "sfddm-mlflow-runner"
-MLFLOW_SECRET_ENV = {key: key for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-# The KFP API server labels every pod of a run with its run id. Read through the downward API rather
-# than set_env_variable(dsl.PIPELINE_JOB_ID_PLACEHOLDER): KFP substitutes placeholders in commands
-# and inputs but copies env values verbatim, and a run id among the inputs would defeat caching.
-PIPELINE_RUN_ENV = "SFDDM_PIPELINE_RUN"
-RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
 
 
 @dataclass(frozen=True)
@@ -61,7 +57,8 @@ class Resources:
 # only slows a step down).
 CPU_STEP = Resources(cpu="1", memory="4Gi")
 GPU_STEP = Resources(cpu="4", memory="16Gi")
-# Training steps are retried: a preempted or evicted node should not cost the whole run.
+# Training steps are retried: a preempted or evicted node should not cost the whole run. The teacher and
+# distill steps resume from their checkpoint on the training volume; the classifier (seconds) starts over.
 TRAINING_RETRIES = 2
 RETRY_BACKOFF = {"backoff_duration": "60s", "backoff_factor": 2.0, "backoff_max_duration": "600s"}
 # Image references are immutable (components/image.py: a commit tag or a digest), so a node's copy is
@@ -75,16 +72,20 @@ def resolved_params(params_path: Union[str, Path] = DEFAULT_PARAMS, overrides: O
 
 
 def build_pipeline(params_path: Union[str, Path] = DEFAULT_PARAMS,
-                   gpu: Optional[gpu_profile.GpuProfile] = None, image: Optional[str] = None):
+                   gpu: Optional[gpu_profile.GpuProfile] = None, image: Optional[str] = None,
+                   shared_root: Union[str, Path] = trainjob.SHARED_MOUNT):
     """The pipeline function, with `params` defaulting to the content of params_path.
 
     image: the reference every task runs (checked by components/image.py: commit-tagged or a digest);
     needed to compile for a cluster, not for kfp.local, which runs the tasks in this environment.
+    shared_root: where the training steps find the training volume: its mount path on a cluster; a local
+    folder for kfp.local, which does not mount volumes (runs.run_local).
     """
     default_params = resolved_params(params_path)
     registry_defaults = config.load(params_path).registry      # the same gate as `dvc repro`'s
     gpu = gpu or gpu_profile.load()
     image = image and image_lib.check(image)
+    gpu_json = json.dumps(dataclasses.asdict(gpu), sort_keys=True)      # for the TrainJobs' pods
 
     def in_image(task: dsl.PipelineTask) -> dsl.PipelineTask:
         if image:
@@ -101,6 +102,21 @@ def build_pipeline(params_path: Union[str, Path] = DEFAULT_PARAMS,
         kubernetes.add_node_selector(task, gpu.node_selector_key, gpu.node_selector_value)
         kubernetes.add_toleration(task, key=gpu.toleration_key, operator=gpu.toleration_operator,
                                   effect=gpu.toleration_effect)
+        return _with_run_settings(task)
+
+    def on_training_pod(task: dsl.PipelineTask, plan: dsl.PipelineTask, stage: str,
+                        pvc) -> dsl.PipelineTask:
+        # The GPU pool as other GPU steps, but the GPU count, CPU and memory come from training_plan at run
+        # time: a GPU step's when the step trains in its pod, none and a launcher's when it waits for a
+        # TrainJob. after(): the resources' inputs are not task inputs, and kfp.local needs the order.
+        in_image(task).after(plan)
+        pod = {kind: plan.outputs[f"{stage}_{kind}"] for kind in ("gpus", "cpu", "memory")}
+        task.set_cpu_request(pod["cpu"]).set_memory_request(pod["memory"]).set_memory_limit(pod["memory"])
+        task.set_accelerator_type(gpu.accelerator_type).set_accelerator_limit(pod["gpus"])
+        kubernetes.add_node_selector(task, gpu.node_selector_key, gpu.node_selector_value)
+        kubernetes.add_toleration(task, key=gpu.toleration_key, operator=gpu.toleration_operator,
+                                  effect=gpu.toleration_effect)
+        kubernetes.mount_pvc(task, pvc_name=pvc, mount_path=trainjob.SHARED_MOUNT)
         return _with_run_settings(task)
 
     def retried(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -123,6 +139,11 @@ def build_pipeline(params_path: Union[str, Path] = DEFAULT_PARAMS,
         fid_num_samples: int = 0,
         registered_model_name: str = registry_defaults.model_name,
         max_fid: float = registry_defaults.max_fid,
+        num_nodes: int = 1,
+        gpus_per_node: int = 1,
+        training_pvc: str = trainjob.DEFAULT_CLAIM,
+        teacher_budget_hours: float = DEFAULT_BUDGET_HOURS,
+        distill_budget_hours: float = DEFAULT_BUDGET_HOURS,
     ) -> int:
         cfg = on_cpu(components.resolve_config(
             params=params, data_source=data_source, teacher_timesteps=teacher_timesteps,
@@ -130,11 +151,16 @@ def build_pipeline(params_path: Union[str, Path] = DEFAULT_PARAMS,
             distill_iterations=distill_iterations, fid_num_samples=fid_num_samples)).output
         dataset = on_cpu(components.prepare_data(config=cfg)).outputs["dataset"]
         classifier = retried(on_cpu(components.train_classifier(config=cfg, dataset=dataset)))
-        teacher = retried(on_gpu(components.train_teacher(config=cfg, dataset=dataset)))
+        plan = on_cpu(components.training_plan(config=cfg, num_nodes=num_nodes, gpus_per_node=gpus_per_node))
+        scale = dict(num_nodes=num_nodes, gpus_per_node=gpus_per_node, shared_root=str(shared_root),
+                     training_pvc=training_pvc, image=image or "", gpu_profile=gpu_json)
+        teacher = retried(on_training_pod(components.train_teacher(
+            config=cfg, dataset=dataset, budget_hours=teacher_budget_hours, **scale), plan, "teacher", training_pvc))
         teacher_model = teacher.outputs["teacher_model"]
         teacher_samples = on_gpu(components.sample_teacher(config=cfg, teacher_model=teacher_model))
-        student = retried(on_gpu(components.distill(config=cfg, teacher_model=teacher_model,
-                                                    dataset=dataset)))
+        student = retried(on_training_pod(components.distill(
+            config=cfg, teacher_model=teacher_model, dataset=dataset, budget_hours=distill_budget_hours, **scale),
+            plan, "distill", training_pvc))
         student_model = student.outputs["student_model"]
         evaluation = on_gpu(components.evaluate(
             config=cfg, teacher_model=teacher_model, student_model=student_model,

@@ -11,16 +11,22 @@ Both write JSON next to reports/benchmark.md, which is rendered from whichever J
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+import os
 import platform
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Optional
 
 import numpy as np
+import psutil
 import torch
 
 from . import config as config_lib
@@ -73,6 +79,9 @@ CURVE_POINTS = 4            # FID evaluations along each distillation (the last 
 RERUN_SEED_SETS = 4         # the final FIDs are measured on this many disjoint seed sets (the first: evaluate's)
 RERUN_SEED_STRIDE = 1_000_000   # seed set k is evaluate.seed + k * stride + (0 .. num_samples - 1)
 BACKWARD_COST = 2           # a backward pass counted as two forward passes in training compute
+DATA_PARALLEL_UPDATES = 40  # bench speed: updates of each N-process distillation
+DATA_PARALLEL_WARMUP = 5    # ... of which the first are not timed
+PREEMPTION_KILL_AT = 0.6    # bench preemption: SIGKILL at this fraction of a run's wall time
 
 
 def variant_config(cfg: Config, profile: str, overrides: dict) -> Config:
@@ -372,9 +381,99 @@ def speed(cfg: Config, teacher_dir: Path, student_dir: Path, data_dir: Path, out
 
     training = training_throughput(cfg, teacher_model, data_dir, device, repeats)
     result = {"machine": machine(device), "fast_gpu": fast_gpu, "sampling": sampling, "loop": loop,
-              "training": training, "peak_memory_mib": peak_memory_mib(device)}
+              "training": training, "peak_memory_mib": peak_memory_mib(device),
+              "data_parallel": data_parallel_scaling(cfg, teacher_dir, data_dir)}
     write_json(out_dir / "bench" / "speed.json", result)
     return result
+
+
+def data_parallel_scaling(cfg: Config, teacher_dir: Path, data_dir: Path, processes=(1, 2),
+                          updates: int = DATA_PARALLEL_UPDATES) -> dict:
+    """`sfddm distill` (cfg's settings, `updates` updates) as torchrun's N processes on this
+    machine, for each N: milliseconds per update (from the loss log's training seconds, the first
+    DATA_PARALLEL_WARMUP updates left out) and the relative difference of the student's eps on fixed
+    inputs from the 1-process student's (the equivalence error, float rounding alone)."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "SFDDM_TRACKING": "off"}
+    rows, reference = {}, None
+    with tempfile.TemporaryDirectory() as tmp:
+        params_path = Path(tmp) / "params.yaml"
+        config_lib.save(cfg, params_path)
+        for n in processes:
+            out, loss_csv = Path(tmp) / f"student-{n}", Path(tmp) / f"loss-{n}.csv"
+            command = [str(bin_dir / "torchrun"), "--standalone", f"--nproc_per_node={n}", str(bin_dir / "sfddm"),
+                       "distill", "--params", str(params_path), "--teacher", str(teacher_dir), "--data", str(data_dir),
+                       "--out", str(out), "--loss-csv", str(loss_csv), "--checkpoint-dir", str(Path(tmp) / f"ck-{n}"),
+                       "--set", f"distill.iterations={updates}", "--set", "distill.checkpoint_every=0"]
+            print(f"bench speed: distill on {n} process(es)", flush=True)
+            finished = subprocess.run(command, env=env, capture_output=True, text=True)
+            if finished.returncode:
+                raise SfddmError(f"torchrun with {n} processes failed: {finished.stderr.strip().splitlines()[-1]}")
+            with open(loss_csv, newline="") as handle:
+                seconds = [float(row["seconds"]) for row in csv.DictReader(handle)]
+            eps = fixed_input_eps(out)
+            reference = eps if reference is None else reference
+            rows[str(n)] = {"ms_per_update": round(1e3 * (seconds[-1] - seconds[DATA_PARALLEL_WARMUP - 1])
+                                                   / (len(seconds) - DATA_PARALLEL_WARMUP), 2),
+                            "relative_difference": float(f"{float((eps - reference).norm() / reference.norm()):.3g}")}
+    return {"updates": updates, "processes": rows}
+
+
+def preemption(cfg: Config, teacher_dir: Path, data_dir: Path, out_dir: Path, processes=(1, 2),
+               kill_at: float = PREEMPTION_KILL_AT) -> dict:
+    """sfddm bench preemption: write <out>/bench/preemption.json.
+
+    For each process count: `sfddm distill` with cfg's settings from scratch (timed), then again, SIGKILLed
+    (the command and all its processes, as a lost node) at kill_at of that time, then rerun: the rerun's
+    wall time over the scratch run's, and the step it resumed at. One process runs the command itself;
+    more run it under torchrun."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "SFDDM_TRACKING": "off"}
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        params_path = Path(tmp) / "params.yaml"
+        config_lib.save(cfg, params_path)
+
+        def command(n: int, name: str) -> list[str]:
+            launcher = [str(bin_dir / "torchrun"), "--standalone", f"--nproc_per_node={n}"] if n > 1 else []
+            return [*launcher, str(bin_dir / "sfddm"), "distill", "--params", str(params_path), "--teacher",
+                    str(teacher_dir), "--data", str(data_dir), "--out", str(Path(tmp) / name),
+                    "--loss-csv", str(Path(tmp) / f"{name}.csv"), "--checkpoint-dir", str(Path(tmp) / f"ck-{name}")]
+
+        def timed(args: list[str]) -> float:
+            began = time.perf_counter()
+            finished = subprocess.run(args, env=env, capture_output=True, text=True)
+            if finished.returncode:
+                raise SfddmError(f"{' '.join(args[:3])}... failed: {finished.stderr.strip().splitlines()[-1]}")
+            return time.perf_counter() - began
+
+        for n in processes:
+            print(f"bench preemption: {n} process(es)", flush=True)
+            scratch = timed(command(n, f"scratch-{n}"))
+            victim = subprocess.Popen(command(n, f"killed-{n}"), env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+            time.sleep(kill_at * scratch)
+            for process in [psutil.Process(victim.pid), *psutil.Process(victim.pid).children(recursive=True)]:
+                process.kill()
+            victim.wait()
+            state = Path(tmp) / f"ck-killed-{n}" / "state.pt"
+            resumed_at = torch.load(state, weights_only=True)["step"] if state.is_file() else 0
+            rerun = timed(command(n, f"killed-{n}"))
+            rows[str(n)] = {"scratch_s": round(scratch, 1), "rerun_s": round(rerun, 1),
+                            "rerun_over_scratch": round(rerun / scratch, 3), "resumed_at": resumed_at}
+    result = {"machine": machine(resolve_device(cfg.device)), "kill_at": kill_at,
+              "iterations": cfg.distill.iterations, "checkpoint_every": cfg.distill.checkpoint_every,
+              "checkpoint_seconds": cfg.distill.checkpoint_seconds, "processes": rows}
+    write_json(out_dir / "bench" / "preemption.json", result)
+    return result
+
+
+def fixed_input_eps(model_dir: Path) -> torch.Tensor:
+    """A model's eps on fixed noise at each of its timesteps: what two trainings are compared on."""
+    model = models.load_model(model_dir)
+    x = torch.randn((model.num_timesteps, *model.image_shape), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model.unet(x, torch.arange(model.num_timesteps)).sample
 
 
 def training_throughput(cfg: Config, teacher_model: models.DiffusionModel, data_dir: Path,

@@ -6,13 +6,17 @@ once by sfddm_core.config. Bad input prints one line and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
 import yaml
 
 from . import config as config_lib
+from . import distributed
 from .errors import SfddmError
+
+DATA_PARALLEL = ("train-teacher", "distill")      # the stages that run on N processes under torchrun
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -96,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
              dict(teacher="models/teacher", data="data/prepared", classifier="data/classifier.pt",
                   teacher_samples="samples/teacher")),
             ("speed", "sampling and training throughput, our DDIM loop against diffusers'",
-             dict(teacher="models/teacher", student="models/student", data="data/prepared"))):
+             dict(teacher="models/teacher", student="models/student", data="data/prepared")),
+            ("preemption", "sfddm distill killed at 60% of its run and rerun, on 1 and 2 processes",
+             dict(teacher="models/teacher", data="data/prepared"))):
         sub = benches.add_parser(name, help=help_text, parents=[settings])
         for flag, default in {**paths, "out": "reports"}.items():
             sub.add_argument(f"--{flag.replace('_', '-')}", type=Path, default=Path(default))
@@ -106,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="fast: minutes per variant on a CPU; full: params.yaml as is (a GPU)")
             sub.add_argument("--variants", type=lambda text: text.split(","), default=None,
                              help="comma-separated subset of the sweep (default: all)")
-        else:
+        elif name == "speed":
             sub.add_argument("--batch-size", type=_positive_int, default=None, help="default: 512 on a GPU, 64 on a CPU")
             sub.add_argument("--loop-steps", type=_positive_int, default=50, help="steps of the loop comparison")
             sub.add_argument("--repeats", type=_positive_int, default=5, help="timed runs per measurement (median)")
@@ -133,6 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="start a run on a Kubeflow Pipelines server")
     submit.add_argument("--host", required=True, help="KFP API address, e.g. http://localhost:8080")
     submit.add_argument("--experiment", default="sfddm")
+    trainjob = actions.add_parser("trainjob", parents=[settings, image],
+                                  help="print a training stage's Kubeflow Trainer TrainJob (YAML), as the "
+                                       "pipeline would submit it")
+    trainjob.add_argument("stage", choices=("teacher", "train-teacher", "distill"))
+    trainjob.add_argument("--nodes", type=_positive_int, required=True, help="pods (nodes) of the job")
+    trainjob.add_argument("--gpus-per-node", type=_positive_int, required=True, help="GPUs (processes) per pod")
+    trainjob.add_argument("--run-id", default="manual", help="the pipeline run it belongs to (names the job)")
+    trainjob.add_argument("--namespace", default="kubeflow", help="where it runs (KFP's run namespace)")
+    trainjob.add_argument("--training-pvc", default="sfddm-training", help="the ReadWriteMany training volume")
+    trainjob.add_argument("--budget-hours", type=float, default=24.0, help="its activeDeadlineSeconds, in hours")
+    trainjob.add_argument("--data", type=Path, default=Path("data/prepared"),
+                          help="prepared data whose hash enters the checkpoint fingerprint, if it exists")
+    trainjob.add_argument("--teacher", type=Path, default=Path("models/teacher"),
+                          help="distill: the teacher whose hash enters the checkpoint fingerprint, if it exists")
     return parser
 
 
@@ -144,6 +164,12 @@ def run(args: argparse.Namespace) -> int:
         elif args.action == "run-local":
             version = pipelines.run_local(args.params, dict(args.overrides), args.root, dict(args.arguments))
             print(f"registered model version {version}")
+        elif args.action == "trainjob":
+            from pipelines import launcher
+            print(launcher.review_yaml(args.stage, args.nodes, args.gpus_per_node, args.params, dict(args.overrides),
+                                       args.image, args.registry, args.data, args.teacher, run_id=args.run_id,
+                                       namespace=args.namespace, claim=args.training_pvc,
+                                       budget_hours=args.budget_hours), end="")
         else:
             print(pipelines.submit(args.host, args.params, dict(args.arguments), args.experiment,
                                    overrides=dict(args.overrides), image=args.image, registry=args.registry))
@@ -163,9 +189,11 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "quality":
             bench.quality(cfg, args.teacher, args.data, args.classifier, args.teacher_samples, args.out,
                           args.profile, args.variants)
-        else:
+        elif args.action == "speed":
             bench.speed(cfg, args.teacher, args.student, args.data, args.out, args.batch_size, args.loop_steps,
                         args.repeats, args.teacher_steps)
+        else:
+            bench.preemption(cfg, args.teacher, args.data, args.out)
         report = bench_report.write(args.out)
         if args.readme:
             bench_report.update_readme(args.readme, report)
@@ -176,38 +204,53 @@ def run(args: argparse.Namespace) -> int:
         evaluate.sample_to_files(cfg, args.model, args.out, args.num_images, args.steps, args.sampler,
                                  args.seed)
         return 0
-    with tracking.stage_run(args.command.replace("-", "_"), cfg):
-        if args.command == "prepare":
-            from . import data
-            data.prepare(cfg.data, cfg.seed, args.out)
-        elif args.command == "train-classifier":
-            from . import fid
-            fid.train_and_save_classifier(cfg, args.data, args.out)
-        elif args.command == "train-teacher":
-            from . import teacher
-            teacher.run(cfg, args.data, args.out, args.loss_csv, args.checkpoint_dir)
-            tracking.log_loss_csv(args.loss_csv)
-        elif args.command == "sample-teacher":
-            from . import evaluate
-            evaluate.sample_teacher(cfg, args.teacher, args.out)
-        elif args.command == "distill":
-            from . import distill
-            distill.run(cfg, args.teacher, args.data, args.out, args.loss_csv, args.checkpoint_dir, args.classifier,
-                        args.fid_csv if args.classifier else None)
-            tracking.log_loss_csv(args.loss_csv)
-        elif args.command == "evaluate":
-            from . import evaluate
-            metrics = evaluate.evaluate(cfg, args.teacher, args.student, args.teacher_samples, args.data,
-                                        args.classifier, args.metrics, args.reports)
-            tracking.log_metrics_file(args.metrics)
-            tracking.log_artifacts(args.reports)
-            print(yaml.safe_dump(metrics, sort_keys=False), end="")
-        elif args.command == "register":
-            from . import io, registry
-            registration = registry.register(args.student, args.metrics, args.data, cfg.registry.model_name)
-            io.write_json(args.output, registration.to_dict())
-            print(yaml.safe_dump(registration.to_dict(), sort_keys=False), end="")
+    if args.command in DATA_PARALLEL:                 # under torchrun: join the process group first
+        distributed.setup(cfg.device)
+    elif distributed.launched_size() > 1:
+        raise SfddmError(f"{args.command} runs as one process; only {' and '.join(DATA_PARALLEL)} run under "
+                         f"torchrun (WORLD_SIZE is {distributed.launched_size()})")
+    try:
+        with tracking.stage_run(args.command.replace("-", "_"), cfg) if distributed.world().main else \
+                contextlib.nullcontext():                              # rank 0 alone tracks the stage
+            run_stage(args, cfg)
+    finally:
+        distributed.teardown()
     return 0
+
+
+def run_stage(args: argparse.Namespace, cfg) -> None:
+    """One stage's library call (inside its MLflow run on rank 0)."""
+    from . import tracking
+    if args.command == "prepare":
+        from . import data
+        data.prepare(cfg.data, cfg.seed, args.out)
+    elif args.command == "train-classifier":
+        from . import fid
+        fid.train_and_save_classifier(cfg, args.data, args.out)
+    elif args.command == "train-teacher":
+        from . import teacher
+        teacher.run(cfg, args.data, args.out, args.loss_csv, args.checkpoint_dir)
+        tracking.log_loss_csv(args.loss_csv)
+    elif args.command == "sample-teacher":
+        from . import evaluate
+        evaluate.sample_teacher(cfg, args.teacher, args.out)
+    elif args.command == "distill":
+        from . import distill
+        distill.run(cfg, args.teacher, args.data, args.out, args.loss_csv, args.checkpoint_dir, args.classifier,
+                    args.fid_csv if args.classifier else None)
+        tracking.log_loss_csv(args.loss_csv)
+    elif args.command == "evaluate":
+        from . import evaluate
+        metrics = evaluate.evaluate(cfg, args.teacher, args.student, args.teacher_samples, args.data,
+                                    args.classifier, args.metrics, args.reports)
+        tracking.log_metrics_file(args.metrics)
+        tracking.log_artifacts(args.reports)
+        print(yaml.safe_dump(metrics, sort_keys=False), end="")
+    elif args.command == "register":
+        from . import io, registry
+        registration = registry.register(args.student, args.metrics, args.data, cfg.registry.model_name)
+        io.write_json(args.output, registration.to_dict())
+        print(yaml.safe_dump(registration.to_dict(), sort_keys=False), end="")
 
 
 def main(argv=None) -> int:

@@ -51,7 +51,8 @@ class TeacherConfig:
     batch_size: int = 128
     iterations: int = 2500
     ema_decay: float = 0.999
-    checkpoint_every: int = 500         # save the full training state every N updates (0: off)
+    checkpoint_every: Optional[int] = None  # save the training state every N updates (null: 10 times a run; 0: off)
+    checkpoint_seconds: float = 180.0   # ... and whenever this long has passed since the last save (0: not by time)
     grad_clip: Optional[float] = None   # clip the gradient norm to this (null: off)
 
 
@@ -80,7 +81,8 @@ class DistillConfig:
     batch_size: int = 128
     iterations: int = 600               # progressive: updates per fold
     ema_decay: float = 0.999
-    checkpoint_every: int = 500         # save the full training state every N updates (0: off)
+    checkpoint_every: Optional[int] = None  # save the training state every N updates (null: 10 times a run; 0: off)
+    checkpoint_seconds: float = 180.0   # ... and whenever this long has passed since the last save (0: not by time)
     grad_clip: Optional[float] = None   # clip the gradient norm to this (null: off)
 
 
@@ -139,7 +141,8 @@ POSITIVE = {"data.image_size", "data.max_images", "teacher.num_train_timesteps",
             "evaluate.classifier_iterations", "registry.max_fid",
             "teacher.grad_clip", "distill.grad_clip"}
 NON_NEGATIVE = {"seed", "evaluate.seed", "distill.pointwise_weight", "distill.hidden_weight", "distill.warmup",
-                "distill.trajectory_weight", "teacher.checkpoint_every", "distill.checkpoint_every"}
+                "distill.trajectory_weight", "teacher.checkpoint_every", "distill.checkpoint_every",
+                "teacher.checkpoint_seconds", "distill.checkpoint_seconds"}
 UNIT_INTERVAL = {"data.test_fraction", "teacher.ema_decay", "distill.ema_decay"}
 TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
 

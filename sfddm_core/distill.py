@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import config as config_lib
-from . import data, diffusion, evaluate, models, tracking
+from . import data, diffusion, distributed, evaluate, models, tracking
 from .config import Config, DistillConfig
 from .errors import SfddmError
 from .io import atomic_dir, resolve_device, sha256_tree
@@ -269,8 +269,9 @@ class StepSampler:
 
 
 class ForwardCount:
-    """Images passed through a network's forward calls while watched: the teacher side of training
-    compute. The hook is removed on leaving `watching`, so copies made afterwards do not carry it."""
+    """Images passed through a network's forward calls while watched, over all ranks (each rank's equal
+    shard times their number): the teacher side of training compute. The hook is removed on leaving
+    `watching`, so copies made afterwards do not carry it."""
     def __init__(self):
         self.images = 0
 
@@ -283,13 +284,21 @@ class ForwardCount:
             handle.remove()
 
     def _count(self, module, args):
-        self.images += args[0].shape[0]
+        self.images += args[0].shape[0] * distributed.world().size
 
     def state_dict(self) -> dict:               # saved with a training checkpoint
         return {"images": self.images}
 
     def load_state_dict(self, state: dict) -> None:
         self.images = state["images"]
+
+
+def student_schedule(cfg: Config, teacher: models.DiffusionModel) -> StudentSchedule:
+    """cfg's phi on the teacher's schedule, refused when cfg's T is not the teacher's."""
+    if cfg.teacher.num_train_timesteps != teacher.num_timesteps:
+        raise SfddmError(f"teacher.num_train_timesteps: {cfg.teacher.num_train_timesteps} but the teacher "
+                         f"was trained with T = {teacher.num_timesteps}; set it to {teacher.num_timesteps}")
+    return StudentSchedule(cfg.student_timesteps, teacher.alphas_cumprod)
 
 
 def distill(cfg: Config, teacher: models.DiffusionModel, data_dir: Path, monitor=None, monitor_every: int = 0,
@@ -303,10 +312,7 @@ def distill(cfg: Config, teacher: models.DiffusionModel, data_dir: Path, monitor
     each log entry as it is made (steps numbered across folds).
     """
     device = resolve_device(cfg.device)
-    if cfg.teacher.num_train_timesteps != teacher.num_timesteps:
-        raise SfddmError(f"teacher.num_train_timesteps: {cfg.teacher.num_train_timesteps} but the teacher "
-                         f"was trained with T = {teacher.num_timesteps}; set it to {teacher.num_timesteps}")
-    schedule = StudentSchedule(cfg.student_timesteps, teacher.alphas_cumprod)
+    schedule = student_schedule(cfg, teacher)
     images, _ = data.load_split(data_dir, "train")
     if images.shape[1:] != teacher.image_shape:
         raise SfddmError(f"{data_dir}: images are {images.shape[1:]} but the teacher takes "
@@ -323,16 +329,23 @@ def distill(cfg: Config, teacher: models.DiffusionModel, data_dir: Path, monitor
         return progressive_distill(cfg, teacher_unet, schedule, batch, monitor, monitor_every, checkpoint, on_log)
     student_unet = initial_student(teacher_unet, schedule.phi, cfg.student.init, cfg.seed).to(device)
     forwards, steps = ForwardCount(), StepSampler(cfg.student.steps, dc.step_sampling == "loss")
+    paths = max(1, dc.batch_size // cfg.student.steps)      # teacher_path: batch_size pairs from these paths
+    distributed.check_divides(paths if dc.inputs == "teacher_path" else dc.batch_size,
+                              "distill.batch_size / student.steps" if dc.inputs == "teacher_path" else "distill.batch_size")
 
-    def loss_fn(step, rng):
-        if dc.inputs == "teacher_path":         # batch_size training pairs from batch_size / T' paths
-            x0, eps = batch(rng, max(1, dc.batch_size // cfg.student.steps))
-            terms = teacher_path_loss(student_unet, teacher_unet, x0, eps, schedule, dc)
+    def observe(i, losses):             # every rank sees the global batch's losses, so draws stay equal
+        steps.observe(distributed.gather(i), distributed.gather(losses))
+
+    def loss_fn(step, rng, net):            # the global batch is drawn on every rank; each keeps its shard
+        shard = distributed.shard
+        if dc.inputs == "teacher_path":
+            x0, eps = batch(rng, paths)
+            terms = teacher_path_loss(net, teacher_unet, shard(x0), shard(eps), schedule, dc)
         else:
             x0, eps = batch(rng)
             i = steps.draw(rng, dc.batch_size)
-            terms = distillation_loss(student_unet, teacher_unet, x0, eps, i, schedule, dc,
-                                      steps.observe if steps.weighted else None)   # observing syncs a GPU
+            terms = distillation_loss(net, teacher_unet, shard(x0), shard(eps), shard(i), schedule, dc,
+                                      observe if steps.weighted else None)   # observing syncs a GPU
         return {**terms, "teacher_forwards": forwards.images}
 
     with forwards.watching(teacher_unet):
@@ -355,6 +368,7 @@ def progressive_distill(cfg: Config, teacher_unet, schedule: StudentSchedule, ba
     """
     grids = diffusion.progressive_grids(schedule.phi)     # config validation ensured >= 1 fold
     abar, dc = schedule.abar_teacher, cfg.distill
+    distributed.check_divides(dc.batch_size, "distill.batch_size")
     fold_teacher, log, forwards = teacher_unet, [], ForwardCount()
     for fold, (fine, coarse) in enumerate(zip(grids[:-1], grids[1:])):
         last = fold == len(grids) - 2
@@ -366,12 +380,11 @@ def progressive_distill(cfg: Config, teacher_unet, schedule: StudentSchedule, ba
             student_unet = copy.deepcopy(fold_teacher).requires_grad_(True)
             student_inputs = coarse
 
-        def loss_fn(step, rng, fine=fine, student_unet=student_unet, fold_teacher=fold_teacher,
-                    student_inputs=student_inputs):
+        def loss_fn(step, rng, net, fine=fine, fold_teacher=fold_teacher, student_inputs=student_inputs):
             x0, eps = batch(rng)
             j = rng.integers(0, len(fine) // 2, dc.batch_size)
-            terms = progressive_loss(student_unet, fold_teacher, x0, eps, j, fine, student_inputs, abar,
-                                     dc.clip_substeps)
+            terms = progressive_loss(net, fold_teacher, *map(distributed.shard, (x0, eps, j)), fine, student_inputs,
+                                     abar, dc.clip_substeps)
             return {**terms, "teacher_forwards": forwards.images}
 
         fold_checkpoint = checkpoint and dataclasses.replace(
@@ -421,13 +434,16 @@ def run(cfg: Config, teacher_dir: Path, data_dir: Path, out_dir: Path, loss_csv:
     teacher_sha256 = sha256_tree(teacher_dir)
     settings = training.fingerprint(cfg, ("seed", "student", "distill"), teacher_sha256=teacher_sha256,
                                     train_images_sha256=data.load_meta(data_dir)["sha256"]["train"]["images"])
-    checkpoint = training.checkpoint_in(checkpoint_dir, cfg.distill.checkpoint_every, settings, remove_at_end=False)
-    schedule = StudentSchedule(cfg.student_timesteps, teacher.alphas_cumprod)
+    checkpoint = training.checkpoint_in(checkpoint_dir, cfg.distill.checkpoint_every, settings, cfg.distill.iterations,
+                                        cfg.distill.checkpoint_seconds, remove_at_end=False)
+    schedule = student_schedule(cfg, teacher)
     monitor = evaluate.training_monitor(cfg, schedule.abar_student, None, cfg.student.clip_denoised,
                                         "student_samples", data_dir, classifier)
     student_unet, betas, log = distill(cfg, teacher, data_dir, monitor,
                                        max(1, cfg.distill.iterations // evaluate.MONITOR_POINTS), checkpoint,
                                        on_log=tracking.log_step)
+    if not distributed.world().main:        # rank 0 writes the outputs
+        return out_dir
     provenance = {
         "method": cfg.distill.method,
         "phi": cfg.student_timesteps.tolist(),

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from . import diffusion, io
+from . import diffusion, distributed, io
 from .config import UNetConfig
 from .errors import SfddmError
 
@@ -61,7 +61,8 @@ def build_unet(cfg: UNetConfig, image_size: int, channels: int) -> UNet2DModel:
 def eps_and_hidden(unet: UNet2DModel, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The UNet's eps prediction and its last hidden feature map, the input of `conv_out`."""
     captured = {}
-    hook = unet.conv_out.register_forward_pre_hook(lambda module, args: captured.update(h=args[0]))
+    layer = distributed.unwrapped(unet).conv_out            # unet may be the DDP wrapper of a training step
+    hook = layer.register_forward_pre_hook(lambda module, args: captured.update(h=args[0]))
     try:
         eps = unet(x, t).sample
     finally:

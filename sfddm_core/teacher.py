@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import config as config_lib
-from . import data, diffusion, evaluate, models, tracking
+from . import data, diffusion, distributed, evaluate, models, tracking
 from .config import Config
 from .errors import SfddmError
 from .io import atomic_dir, resolve_device
@@ -38,10 +38,13 @@ def train_teacher(cfg: Config, data_dir: Path, checkpoint: Optional[Checkpoint] 
     torch.manual_seed(cfg.seed)
     unet = models.build_unet(tc.unet, cfg.data.image_size, cfg.data.channels).to(device)
 
-    def loss_fn(step, rng):
+    distributed.check_divides(tc.batch_size, "teacher.batch_size")
+
+    def loss_fn(step, rng, net):            # the global batch is drawn on every rank; each keeps its shard
         x0 = x_train[torch.as_tensor(rng.integers(0, len(x_train), tc.batch_size), device=device)]
         t = torch.as_tensor(rng.integers(0, tc.num_train_timesteps, tc.batch_size), device=device)
-        return {"loss": denoising_loss(unet, x0, torch.randn_like(x0), t, abar)}
+        eps = torch.randn_like(x0)
+        return {"loss": denoising_loss(net, *map(distributed.shard, (x0, eps, t)), abar)}
 
     monitor = on_log and evaluate.training_monitor(
         cfg, abar, diffusion.student_timesteps(len(abar), min(len(abar), evaluate.MONITOR_TEACHER_STEPS), "trailing"),
@@ -58,14 +61,15 @@ def training_checkpoint(cfg: Config, data_dir: Path, checkpoint_dir: Optional[Pa
     train_sha256 = data.load_meta(data_dir).get("sha256", {}).get("train", {}).get("images")
     return checkpoint_in(checkpoint_dir, cfg.teacher.checkpoint_every,
                          fingerprint(cfg, ("seed", "teacher"), train_images_sha256=train_sha256),
-                         remove_at_end=False)
+                         cfg.teacher.iterations, cfg.teacher.checkpoint_seconds, remove_at_end=False)
 
 
 def run(cfg: Config, data_dir: Path, out_dir: Path, loss_csv: Path, checkpoint_dir: Optional[Path] = None) -> Path:
     """sfddm train-teacher: write the teacher pipeline folder (trained or imported) and its loss log.
 
-    With checkpoint_dir, training saves its state there every teacher.checkpoint_every updates and a
-    rerun resumes from it; the state is deleted once the outputs are in place."""
+    With checkpoint_dir, training saves its state there every teacher.checkpoint_every updates (and
+    teacher.checkpoint_seconds) and a rerun resumes from it; the state is deleted once the outputs are
+    in place."""
     checkpoint = None
     if cfg.teacher.source == "pretrained":
         source = models.resolve_teacher_uri(cfg.teacher.uri, cfg.teacher.s3_endpoint_url)
@@ -77,6 +81,8 @@ def run(cfg: Config, data_dir: Path, out_dir: Path, loss_csv: Path, checkpoint_d
     else:
         checkpoint = training_checkpoint(cfg, data_dir, checkpoint_dir)
         teacher, log = train_teacher(cfg, data_dir, checkpoint, on_log=tracking.log_step)
+    if not distributed.world().main:        # rank 0 writes the outputs
+        return out_dir
     with atomic_dir(out_dir) as tmp:
         config_lib.save(cfg, tmp / "sfddm_config.yaml")     # first: sfddm.json hashes the files before it
         models.save_teacher(teacher, tmp)

@@ -1,5 +1,6 @@
 """The training loop shared by teacher training and distillation: Adam, EMA, progress bar, loss log,
-checkpoints that survive preemption (resumed bit for bit), and a stop on a non-finite loss."""
+checkpoints that survive preemption (resumed bit for bit), a stop on a non-finite loss, and data
+parallelism over the processes torchrun starts (sfddm_core.distributed)."""
 from __future__ import annotations
 
 import copy
@@ -18,18 +19,21 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from . import config as config_lib
+from . import distributed
 from .errors import SfddmError
 from .io import atomic_file
 
 CHECKPOINT_FORMAT = "sfddm-training-state-1"
 CHECKPOINT_FILE = "state.pt"
-NOT_FINGERPRINTED = ("checkpoint_every",)   # how often state is saved does not change the result
+NOT_FINGERPRINTED = ("checkpoint_every", "checkpoint_seconds")   # when state is saved does not change the result
+CHECKPOINTS_PER_RUN = 10    # checkpoint_every: null saves this many times per run (and by checkpoint_seconds)
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """Where fit keeps its full training state, how often (every `every` updates), and the fingerprint
-    (a flat dict of the settings and input hashes that determine training) a resume must match.
+    """Where fit keeps its full training state, how often (every `every` updates, and whenever `seconds`
+    have passed since the last save; 0: not by time), and the fingerprint (a flat dict of the settings
+    and input hashes that determine training) a resume must match.
 
     remove_at_end: fit deletes the file after the last update; a caller that writes its output after
     fit returns passes False and calls remove() once the output is in place (a kill in between then
@@ -41,6 +45,7 @@ class Checkpoint:
     fingerprint: dict
     remove_at_end: bool = True
     extra: tuple = ()
+    seconds: float = 0.0
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -52,13 +57,14 @@ class Checkpoint:
             pass
 
 
-def checkpoint_in(directory: Optional[Path], every: int, fingerprint: dict, remove_at_end: bool = True,
-                  extra: tuple = ()) -> Optional[Checkpoint]:
-    """The Checkpoint of a stage (directory/state.pt), or None when checkpointing is off
-    (no directory, or every == 0)."""
-    if directory is None or not every:
+def checkpoint_in(directory: Optional[Path], every: Optional[int], fingerprint: dict, iterations: int,
+                  seconds: float = 0.0, remove_at_end: bool = True, extra: tuple = ()) -> Optional[Checkpoint]:
+    """The Checkpoint of a stage (directory/state.pt), or None when checkpointing is off (no directory,
+    or every == 0). every None: CHECKPOINTS_PER_RUN times over `iterations`."""
+    if directory is None or every == 0:
         return None
-    return Checkpoint(Path(directory) / CHECKPOINT_FILE, every, fingerprint, remove_at_end, tuple(extra))
+    every = every or max(1, iterations // CHECKPOINTS_PER_RUN)
+    return Checkpoint(Path(directory) / CHECKPOINT_FILE, every, fingerprint, remove_at_end, tuple(extra), seconds)
 
 
 def fingerprint(cfg: config_lib.Config, sections: Iterable[str], **inputs) -> dict:
@@ -92,7 +98,7 @@ def learning_rate(base_lr: float, iterations: int, warmup: int = 0, decay: str =
     return at
 
 
-def fit(model: torch.nn.Module, loss_fn: Callable[[int, np.random.Generator], dict], iterations: int,
+def fit(model: torch.nn.Module, loss_fn: Callable[[int, np.random.Generator, torch.nn.Module], dict], iterations: int,
         lr: Union[float, Callable[[int], float]], ema_decay: float, seed: int, desc: str, evaluate_every: int = 0,
         evaluate: Optional[Callable[[torch.nn.Module, int], dict]] = None, grad_clip: Optional[float] = None,
         checkpoint: Optional[Checkpoint] = None,
@@ -101,19 +107,25 @@ def fit(model: torch.nn.Module, loss_fn: Callable[[int, np.random.Generator], di
 
     lr: a number, or the learning rate at each update (learning_rate); being a function of the step
     alone, it needs no state of its own in a checkpoint.
-    loss_fn(step, rng) returns a dict of scalar tensors whose "loss" entry is minimised; every entry is
-    logged, with "seconds" of training so far. rng (numpy, seeded) draws batches and timesteps, so runs
-    repeat exactly on one device. evaluate(ema_model, updates), if given, runs every `evaluate_every`
+    loss_fn(step, rng, net) returns a dict of scalar tensors whose "loss" entry is minimised; every entry
+    is logged, with "seconds" of training so far. net is the network to call: the model, or under
+    torchrun its DDP wrapper, which averages gradients over ranks; each rank's loss_fn draws the global
+    batch and keeps its slice (distributed.shard), and the logged entries are means over ranks. rng
+    (numpy, seeded, the same on every rank) draws batches and timesteps, so runs repeat exactly on one
+    device and N processes make one process's updates to float tolerance. evaluate(ema_model, updates), if given, runs every `evaluate_every`
     updates and after the last; its dict joins that step's log entry (its time is not counted in
     "seconds"). on_log(entry) receives each step's finished log entry as it is made (live tracking).
-    grad_clip: clip the gradient norm to this (None: off).
+    Both run on rank 0 only. grad_clip: clip the gradient norm to this (None: off).
 
-    checkpoint: every checkpoint.every updates the full state (weights, EMA, optimizer, step, loss log,
-    numpy and torch RNG states, seconds, fingerprint) is written atomically to checkpoint.path; when
-    that file exists at the start, training resumes from it (and repeats the uninterrupted run exactly)
-    if its fingerprint equals checkpoint.fingerprint, and is refused otherwise. A non-finite loss stops
-    training with an SfddmError and leaves the last good checkpoint in place.
+    checkpoint: every checkpoint.every updates, and once checkpoint.seconds have passed since the last
+    save, rank 0 writes the full state (weights, EMA, optimizer, step, loss log, numpy and torch RNG
+    states, seconds, fingerprint) atomically to checkpoint.path; when that file exists at the start,
+    every rank resumes from it (and repeats the uninterrupted run exactly) if its fingerprint equals
+    checkpoint.fingerprint, and is refused otherwise. Nothing in it depends on the number of processes,
+    so a run may resume on another count that divides the batch. A non-finite loss on any rank stops
+    every rank with an SfddmError and leaves the last good checkpoint in place.
     """
+    ranks = distributed.world()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     lr_at = lr if callable(lr) else (lambda step: lr)
@@ -124,7 +136,10 @@ def fit(model: torch.nn.Module, loss_fn: Callable[[int, np.random.Generator], di
     if checkpoint is not None and checkpoint.path.exists():
         start, log, seconds = _load_state(checkpoint, model, optimizer, ema, rng)
         saved = start
-        tqdm.write(f"{desc}: resuming from {checkpoint.path} at step {start} of {iterations}", file=sys.stderr)
+        if ranks.main:
+            tqdm.write(f"{desc}: resuming from {checkpoint.path} at step {start} of {iterations}", file=sys.stderr)
+    net = distributed.wrap(model)       # after loading: DDP starts every rank from rank 0's weights
+    last_save = time.monotonic()
 
     def stop(what, step):
         kept = (f"the last good checkpoint {checkpoint.path} (resumes at step {saved}) is kept"
@@ -133,13 +148,16 @@ def fit(model: torch.nn.Module, loss_fn: Callable[[int, np.random.Generator], di
                          "grad_clip (and delete the checkpoint to start over with other settings)")
 
     model.train()
-    with tqdm(range(start, iterations), desc=desc, unit="step", initial=start, total=iterations) as progress:
+    with tqdm(range(start, iterations), desc=desc, unit="step", initial=start, total=iterations,
+              disable=not ranks.main) as progress:
         for step in progress:
             began = time.perf_counter()
-            terms = loss_fn(step, rng)
+            terms = loss_fn(step, rng, net)
             loss = terms["loss"]
-            if not math.isfinite(loss.item()):
-                stop(f"the loss became {loss.item()}", step)
+            values = distributed.mean({k: float(v.detach() if torch.is_tensor(v) else v) for k, v in terms.items()})
+            if not math.isfinite(values["loss"]):
+                rank = "" if ranks.size == 1 else f" on {'this' if not math.isfinite(loss.item()) else 'another'} rank"
+                stop(f"the loss became {values['loss']}{rank}", step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip is not None:
@@ -149,20 +167,22 @@ def fit(model: torch.nn.Module, loss_fn: Callable[[int, np.random.Generator], di
             optimizer.step()
             ema.step(model.parameters())
             seconds += time.perf_counter() - began
-            log.append({"step": step, **{k: round(float(v.detach() if torch.is_tensor(v) else v), 6)
-                                         for k, v in terms.items()}, "seconds": round(seconds, 3)})
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-            if evaluate and ((step + 1) % evaluate_every == 0 or step + 1 == iterations):
+            log.append({"step": step, **{k: round(v, 6) for k, v in values.items()}, "seconds": round(seconds, 3)})
+            progress.set_postfix(loss=f"{values['loss']:.4f}")
+            if ranks.main and evaluate and ((step + 1) % evaluate_every == 0 or step + 1 == iterations):
                 log[-1].update(evaluate(ema_copy(model, ema), step + 1))
                 model.train()
-            if on_log is not None:
+            if ranks.main and on_log is not None:
                 on_log(log[-1])
-            if checkpoint is not None and (step + 1) % checkpoint.every == 0 and step + 1 < iterations:
+            due = (step + 1) % checkpoint.every == 0 or (
+                checkpoint.seconds and time.monotonic() - last_save >= checkpoint.seconds) if checkpoint else False
+            if due and step + 1 < iterations:
                 if not all(torch.isfinite(p).all() for p in model.parameters()):
                     stop("the weights became non-finite", step)
-                _save_state(checkpoint, step + 1, model, optimizer, ema, rng, log, seconds)
-                saved = step + 1
-    if checkpoint is not None and checkpoint.remove_at_end:
+                if ranks.main:
+                    _save_state(checkpoint, step + 1, model, optimizer, ema, rng, log, seconds)
+                saved, last_save = step + 1, time.monotonic()
+    if checkpoint is not None and checkpoint.remove_at_end and ranks.main:
         checkpoint.remove()
     return ema_copy(model, ema), log
 

@@ -128,5 +128,14 @@ def test_benchmarks_on_the_pipeline_outputs(project):
         assert heading in markdown
     assert (project / "reports/benchmark_full_fid_vs_nfe.png").stat().st_size > 1000
     assert "bench quality: base" not in sfddm(project, *quality)                   # stored results reused
-    loop = json.loads((project / "reports/bench/speed.json").read_text())["loop"]
+    speed = json.loads((project / "reports/bench/speed.json").read_text())
+    loop = speed["loop"]
     assert loop["ours_overhead_us_per_step"] > 0 and loop["diffusers_overhead_us_per_step"] > 0
+    scaling = speed["data_parallel"]["processes"]          # 1 and 2 torchrun processes, the same updates
+    assert set(scaling) == {"1", "2"} and scaling["1"]["relative_difference"] == 0
+    assert 0 < scaling["2"]["relative_difference"] < 1e-2 and scaling["2"]["ms_per_update"] > 0
+    sfddm(project, "bench", "preemption", "--set", "distill.iterations=10")
+    preemption = json.loads((project / "reports/bench/preemption.json").read_text())
+    assert set(preemption["processes"]) == {"1", "2"} and preemption["kill_at"] == 0.6
+    assert all(row["scratch_s"] > 0 and row["rerun_s"] > 0 for row in preemption["processes"].values())
+    assert "SIGKILLed at 60% and rerun" in (project / "reports/benchmark.md").read_text()

@@ -4,7 +4,8 @@ Every kustomization (base and each overlay) is rendered with `kubectl kustomize`
 the rendered objects are checked: resources, pinned images, no Secrets (k8s/secrets.sh
 makes them, run here against a stand-in kubectl), references between objects, probes,
 the MLflow server settings and its authentication, the object store, PostgreSQL, the GPU
-node profile and quota, and the pipeline-runner RBAC.
+node profile and quota, the pipeline-runner RBAC, and what training TrainJobs need in the run
+namespace (tests/test_trainjob.py validates the TrainingRuntime against the Trainer CRD).
 """
 
 from __future__ import annotations
@@ -322,6 +323,10 @@ def test_pipeline_runner_identity(target):
 
     assert allows("pods", "get") and allows("pods", "list")
     assert allows("pods/log", "get")
+    # The training steps' launcher: TrainJobs of its runs, and the runtime they reference.
+    for verb in ("create", "get", "list", "watch", "delete"):
+        assert allows("trainjobs", verb), verb
+    assert allows("trainingruntimes", "get") and allows("trainingruntimes", "list")
     assert allows("workflowtaskresults", "create")
     assert allows("secrets", "get", "sfddm-mlflow-s3")
     assert allows("secrets", "get", "sfddm-mlflow-runner")
@@ -354,12 +359,17 @@ def test_gpu_quota_is_where_pipeline_pods_run():
     assert len(quotas) == 1
     quota = quotas[0]
     assert quota["metadata"]["namespace"] == runner["metadata"]["namespace"] == RUN_NAMESPACE
-    # No GPU step of the pipeline asks for more than the quota allows (it would never start).
+    # No GPU step of the pipeline asks for more than the quota allows (it would never start). The
+    # training steps' counts come from the training_plan step at run time: 1 to train in their pod,
+    # 0 while a TrainJob trains (tests/test_pipeline.py); the TrainJob's pods count then, and the
+    # quota fits the README's example of 2 nodes x 4 GPUs.
     pipeline_spec = next(yaml.safe_load_all(COMPILED_PIPELINE.read_text()))
-    counts = [int(e["container"]["resources"]["accelerator"]["resourceCount"])
+    counts = [e["container"]["resources"]["accelerator"]["resourceCount"]
               for e in pipeline_spec["deploymentSpec"]["executors"].values()
               if "accelerator" in e["container"].get("resources", {})]
-    assert counts and max(counts) <= quantity("cpu", quota["spec"]["hard"]["requests.nvidia.com/gpu"])
+    counts = [1 if "pipelinechannel--training-plan-" in count else int(count) for count in counts]
+    gpus = quantity("cpu", quota["spec"]["hard"]["requests.nvidia.com/gpu"])
+    assert counts and max(counts) <= gpus and 2 * 4 <= gpus
     # The stacks in namespace sfddm, where no pipeline pod runs, hold no GPU quota.
     for target in STACKS:
         for q in find(render(target), "ResourceQuota"):

@@ -1,5 +1,7 @@
 """The Kubeflow pipeline: the committed package is what the code compiles to, its tasks carry the cluster
-settings they need, the whole DAG runs through kfp.local, and a submit to nowhere fails fast."""
+settings they need (the training steps: the training volume, and pods sized at run time for training in
+place or waiting for a Kubeflow Trainer TrainJob), the whole DAG runs through kfp.local, and a submit to
+nowhere fails fast."""
 import difflib
 import json
 import os
@@ -11,15 +13,18 @@ import pytest
 import yaml
 from conftest import TINY_PARAMS
 
+import components
 from components import image as image_lib
-from pipelines import gpu_profile, run_local, submit
-from pipelines.sfddm_pipeline import COMPILED_PIPELINE, REPO_ROOT
+from pipelines import gpu_profile, run_local, submit, trainjob
+from pipelines.sfddm_pipeline import COMPILED_PIPELINE, CPU_STEP, GPU_STEP, REPO_ROOT
 from sfddm_core.errors import SfddmError
 from sfddm_core.tracking import flatten
 
 GPU_STEPS = {"train-teacher", "sample-teacher", "distill", "evaluate"}
-CPU_STEPS = {"resolve-config", "prepare-data", "train-classifier", "register", "promote"}
+CPU_STEPS = {"resolve-config", "prepare-data", "training-plan", "train-classifier", "register", "promote"}
 TRAINING_STEPS = {"train-classifier", "train-teacher", "distill"}
+# Steps that keep their training state on the training volume (a retry resumes) and may run as TrainJobs.
+RESUMING_STEPS = {"train-teacher": "teacher", "distill": "distill"}
 REGISTRY_STEPS = {"register", "promote"}
 
 
@@ -93,7 +98,10 @@ def test_gpu_steps_get_a_gpu_on_the_gpu_pool_and_cpu_steps_do_not(spec):
         assert resources["resourceMemoryLimit"] == resources["resourceMemoryRequest"], name
         if name in GPU_STEPS:
             assert resources["accelerator"]["resourceType"] == profile.accelerator_type == "nvidia.com/gpu"
-            assert int(resources["accelerator"]["resourceCount"]) == profile.accelerator_limit == 1
+            if name in RESUMING_STEPS:      # 1 or 0 at run time (test_training_steps_...)
+                assert resources["accelerator"]["resourceCount"] == plan_output(RESUMING_STEPS[name], "gpus")
+            else:
+                assert int(resources["accelerator"]["resourceCount"]) == profile.accelerator_limit == 1
             assert k8s[name]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
             assert k8s[name]["tolerations"] == [
                 {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -114,6 +122,50 @@ def test_every_step_gets_mlflow_and_store_settings_and_the_run_id(spec):
                            "sfddm-mlflow-runner": {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}}, name
         assert config["fieldPathAsEnv"] == [{"fieldPath": "metadata.labels['pipeline/runid']",
                                              "name": "SFDDM_PIPELINE_RUN"}], name
+
+
+def plan_output(stage: str, kind: str) -> str:
+    return f"{{{{$.inputs.parameters['pipelinechannel--training-plan-{stage}_{kind}']}}}}"
+
+
+def test_training_steps_mount_the_training_volume_and_size_their_pods_at_run_time(spec):
+    k8s, containers, all_tasks = k8s_executors(spec), executors(spec), tasks(spec)
+    profile = gpu_profile.load()
+    for name, stage in RESUMING_STEPS.items():
+        # The claim named by the training_pvc parameter, at the path the TrainJobs mount it too.
+        assert k8s[name]["pvcMount"] == [{"componentInputParameter": "training_pvc", "mountPath": "/sfddm-shared",
+                                          "pvcNameParameter": {"componentInputParameter": "training_pvc"}}]
+        resources = containers[name]["resources"]
+        assert resources["resourceCpuRequest"] == plan_output(stage, "cpu")
+        assert resources["resourceMemoryRequest"] == resources["resourceMemoryLimit"] == plan_output(stage, "memory")
+        task = all_tasks[name]
+        assert "training-plan" in task["dependentTasks"]
+        inputs = task["inputs"]["parameters"]
+        constant = {key: value["runtimeValue"]["constant"] for key, value in inputs.items() if "runtimeValue" in value}
+        assert constant["shared_root"] == trainjob.SHARED_MOUNT
+        assert constant["image"] == committed_image(spec)           # the TrainJob runs the step's image
+        assert json.loads(constant["gpu_profile"]) == profile.__dict__
+        assert {key: inputs[key]["componentInputParameter"] for key in
+                ("num_nodes", "gpus_per_node", "training_pvc", "budget_hours")} == {
+            "num_nodes": "num_nodes", "gpus_per_node": "gpus_per_node", "training_pvc": "training_pvc",
+            "budget_hours": f"{stage}_budget_hours"}
+    for name in set(k8s) - set(RESUMING_STEPS):
+        assert "pvcMount" not in k8s[name], name
+
+
+def test_training_plan_sizes_the_training_pods():
+    config = components.resolve_config.python_func(
+        params=json.dumps(TINY_PARAMS), data_source="", teacher_timesteps=0, student_steps=0, spacing="",
+        teacher_iterations=0, distill_iterations=0, fid_num_samples=0)
+    here = components.training_plan.python_func(config=config, num_nodes=1, gpus_per_node=1)
+    assert here._asdict() == {"teacher_gpus": 1, "teacher_cpu": GPU_STEP.cpu, "teacher_memory": GPU_STEP.memory,
+                              "distill_gpus": 1, "distill_cpu": GPU_STEP.cpu, "distill_memory": GPU_STEP.memory}
+    # Waiting for a TrainJob of 2 x 4 GPUs holds no GPU, and no more than a CPU step's memory.
+    away = components.training_plan.python_func(config=config, num_nodes=2, gpus_per_node=4)
+    assert (away.teacher_gpus, away.distill_gpus) == (0, 0)
+    assert int(away.distill_cpu) <= int(CPU_STEP.cpu) and away.distill_memory == CPU_STEP.memory
+    with pytest.raises(SfddmError, match="does not divide"):       # before any GPU is taken
+        components.training_plan.python_func(config=config, num_nodes=3, gpus_per_node=1)
 
 
 def test_training_retries_and_registry_steps_are_never_cached(spec):
@@ -142,6 +194,10 @@ def test_params_default_is_the_resolved_params_yaml(spec):
     assert json.loads(inputs["params"]["defaultValue"])["teacher"]["num_train_timesteps"] == 1000
     assert {"data_source", "teacher_timesteps", "student_steps", "spacing", "teacher_iterations",
             "distill_iterations", "fid_num_samples", "registered_model_name", "max_fid"} <= set(inputs)
+    scale = {name: inputs[name]["defaultValue"] for name in
+             ("num_nodes", "gpus_per_node", "training_pvc", "teacher_budget_hours", "distill_budget_hours")}
+    assert scale == {"num_nodes": 1, "gpus_per_node": 1, "training_pvc": "sfddm-training",
+                     "teacher_budget_hours": 24.0, "distill_budget_hours": 24.0}
 
 
 def test_gpu_profile_reads_configmap_data_and_names_missing_keys(tmp_path):
@@ -189,7 +245,9 @@ def test_whole_pipeline_runs_locally_and_registers_a_champion(tmp_path, monkeypa
     client = mlflow.MlflowClient(tracking_uri)
     champion = client.get_model_version_by_alias("sfddm-tiny", "champion")
     assert int(champion.version) == 1 and champion.tags["T"] == "25"
-    [run_dir] = (tmp_path / "runs").iterdir()
+    [run_dir] = [path for path in (tmp_path / "runs").iterdir() if path.name != "shared"]   # "shared": the
+    # training volume's stand-in, where the training steps kept their checkpoints while they ran
+    assert not list((tmp_path / "runs" / "shared").rglob("state.pt"))
     decision = json.loads((run_dir / "promote" / "decision").read_text())
     assert decision["promoted"] is True and decision["champion_version"] == 1
     assert "| student (SFDDM) | 4 |" in (run_dir / "evaluate" / "fid_table").read_text()

@@ -141,13 +141,13 @@ def linear_problem(scale: float = 1.0, nan_at=None, crash_at=None, counter=None,
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
 
-    def loss_fn(step, rng):
+    def loss_fn(step, rng, net):
         if step == crash_at:
             raise Preempted
         if norms is not None and step > 0:     # the previous update's gradients, after clipping
             norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item())
         x = torch.as_tensor(rng.normal(size=(8, 3)), dtype=torch.float32) + torch.randn(8, 3)
-        loss = scale * (model(x) - 1).pow(2).mean()
+        loss = scale * (net(x) - 1).pow(2).mean()
         if counter is not None:
             counter.value += 8
         terms = {"loss": loss * float("nan") if step == nan_at else loss}

@@ -1,0 +1,29 @@
+"""What every pipeline step, and every TrainJob a training step starts, gets from the namespace where runs
+execute: the settings ConfigMap and the Secrets that k8s/pipeline-runner and k8s/README.md ("Secrets")
+create there, and the run id.
+
+Standard library only: pipelines/launcher.py imports it inside a running step, where kfp's compiler
+cannot be imported (the KFP executor has loaded only part of kfp.dsl, and kfp.compiler's imports then
+run into a partially initialised kfp.dsl.pipeline_context).
+"""
+# {ConfigMap or Secret key: environment variable}, as kfp-kubernetes' use_config_map_as_env and
+# use_secret_as_env take them.
+SETTINGS_CONFIG_MAP = "sfddm-pipeline-settings"
+SETTINGS_ENV = {key: key for key in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
+                                     "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION")}
+# MLflow reads the S3 endpoint from a variable of its own; the ConfigMap names the store once.
+MLFLOW_S3_ENV = {"AWS_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL"}
+S3_SECRET = "sfddm-mlflow-s3"
+S3_SECRET_ENV = {key: key for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+# The pipeline runner's MLflow user (the server requires authentication; k8s/base/mlflow-auth.yaml).
+MLFLOW_SECRET = "sfddm-mlflow-runner"
+MLFLOW_SECRET_ENV = {key: key for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+# The KFP API server labels every pod of a run with its run id. Read through the downward API rather
+# than set_env_variable(dsl.PIPELINE_JOB_ID_PLACEHOLDER): KFP substitutes placeholders in commands
+# and inputs but copies env values verbatim, and a run id among the inputs would defeat caching.
+PIPELINE_RUN_ENV = "SFDDM_PIPELINE_RUN"
+RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
+# A training stage's TrainJob may run this long (its activeDeadlineSeconds; the step waits as long plus
+# launcher.GRACE_SECONDS): the default of the pipeline parameters teacher_budget_hours and
+# distill_budget_hours.
+DEFAULT_BUDGET_HOURS = 24.0
