@@ -69,7 +69,7 @@ def test_dvc_repro_end_to_end(project):
     assert metrics["nfe"] == {"teacher_ddpm": 100, "teacher_ddim": 4, "student": 4}
     assert (project / "models/student/sfddm.json").is_file()
     card = (project / "models/student/README.md").read_text()
-    assert "# A 4-step student of a 100-step teacher" in card and "num_inference_steps=4" in card
+    assert "# A 4-step student of a 100-step diffusion model" in card and "num_inference_steps=4" in card
     with Image.open(project / "reports/evaluate/samples_student.png") as grid:
         assert grid.width >= 8 * 64                    # 8 x 8 digits upscaled to be seen
     curve = list(csv.DictReader(open(project / "metrics/distill_fid.csv")))
