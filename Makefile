@@ -1,4 +1,5 @@
-# `make run`: set up and run the whole pipeline with params.yaml; `make test`: set up and run the tests.
+# `make run`: set up and run the whole pipeline with params.yaml; `make test`: set up and run the tests
+# (`make test-fast`: the unit tier only, the tests not marked slow).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -18,7 +19,7 @@ IMAGE_REF = $(eval IMAGE_REF := $(or $(shell $(PYTHON) components/image.py --reg
 IMAGE_TAG = $(if $(findstring @,$(IMAGE_REF)),$(error IMAGE=$(IMAGE_REF) is a digest, which only \
 	`make pipeline` takes; build and push need a tag, e.g. IMAGE=$(REGISTRY)/sfddm:git-<commit>),$(IMAGE_REF))
 
-.PHONY: install run test bench pipeline image push clean
+.PHONY: install run test test-fast bench pipeline image push clean
 
 install: $(STAMP)
 
@@ -35,6 +36,9 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
 
 bench: install
 	$(BIN)/dvc repro train_classifier sample_teacher distill

@@ -20,17 +20,12 @@ def evaluate(config: str, teacher_model: Input[Model], student_model: Input[Mode
     import json
     from pathlib import Path
 
-    from sfddm_core import config as config_lib, data, evaluate, tracking
+    from sfddm_core import config as config_lib, data, stages, tracking
 
-    cfg = config_lib.from_dict(json.loads(config))
-    metrics_file = Path(evaluation.path) / "evaluate.json"
     image_dir = Path(evaluation.path) / "images"
-    with tracking.stage_run("evaluate", cfg):
-        results = evaluate.evaluate(cfg, Path(teacher_model.path), Path(student_model.path),
-                                    Path(teacher_samples.path), Path(dataset.path), Path(classifier.path),
-                                    metrics_file, image_dir)
-        tracking.log_metrics_file(metrics_file)
-        tracking.log_artifacts(image_dir, "reports")
+    results = stages.evaluate(config_lib.from_dict(json.loads(config)), Path(teacher_model.path),
+                              Path(student_model.path), Path(teacher_samples.path), Path(dataset.path),
+                              Path(classifier.path), Path(evaluation.path) / "evaluate.json", image_dir)
     for name, value in tracking.flatten(results).items():
         if isinstance(value, (int, float)):
             metrics.log_metric(name, value)

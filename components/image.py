@@ -46,7 +46,7 @@ COMMIT_DIGITS = 12
 # a test checks this against the Dockerfile. Not the compiled pipelines/*.yaml: the image leaves it out,
 # so recompiling the pipeline does not make the tree dirty for the image.
 IMAGE_INPUTS = (".dockerignore", "components/Dockerfile", "requirements.lock", "pyproject.toml",
-                "README.md", "sfddm_core", "components", "pipelines/*.py")
+                "README.md", "sfddm_core", "sfddm_cli", "components", "pipelines/*.py")
 # The image of the components as defined at import time. Only a compiled pipeline needs a real image,
 # and compile_pipeline/submit always set one (set_container_image); kfp.local ignores it.
 IMAGE = f"{IMAGE_NAME}:unset-give-an-image-when-compiling"

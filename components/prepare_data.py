@@ -10,9 +10,7 @@ def prepare_data(config: str, dataset: Output[Dataset]):
     import json
     from pathlib import Path
 
-    from sfddm_core import config as config_lib, data, tracking
+    from sfddm_core import config as config_lib, stages
 
-    cfg = config_lib.from_dict(json.loads(config))
-    with tracking.stage_run("prepare", cfg):
-        meta = data.prepare(cfg.data, cfg.seed, Path(dataset.path))
+    meta = stages.prepare(config_lib.from_dict(json.loads(config)), Path(dataset.path))
     dataset.metadata.update({"source": meta["source"], "shape": meta["shape"], "counts": meta["counts"]})

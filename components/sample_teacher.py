@@ -11,8 +11,7 @@ def sample_teacher(config: str, teacher_model: Input[Model], teacher_samples: Ou
     import json
     from pathlib import Path
 
-    from sfddm_core import config as config_lib, evaluate, tracking
+    from sfddm_core import config as config_lib, stages
 
-    cfg = config_lib.from_dict(json.loads(config))
-    with tracking.stage_run("sample_teacher", cfg):
-        evaluate.sample_teacher(cfg, Path(teacher_model.path), Path(teacher_samples.path))
+    stages.sample_teacher(config_lib.from_dict(json.loads(config)), Path(teacher_model.path),
+                          Path(teacher_samples.path))

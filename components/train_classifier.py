@@ -10,9 +10,8 @@ def train_classifier(config: str, dataset: Input[Dataset], classifier: Output[Mo
     import json
     from pathlib import Path
 
-    from sfddm_core import config as config_lib, fid, tracking
+    from sfddm_core import config as config_lib, stages
 
-    cfg = config_lib.from_dict(json.loads(config))
-    with tracking.stage_run("train_classifier", cfg):
-        test_accuracy = fid.train_and_save_classifier(cfg, Path(dataset.path), Path(classifier.path))
+    test_accuracy = stages.train_classifier(config_lib.from_dict(json.loads(config)), Path(dataset.path),
+                                            Path(classifier.path))
     classifier.metadata["test_accuracy"] = test_accuracy

@@ -58,7 +58,6 @@ FORWARD_LINES = 50              # read per poll: lines rank 0 logged since the l
 # Plain values of the step's environment that the TrainJob's pods get too: the run id that groups the
 # stage's MLflow run, and MLflow's own run/experiment when KFP's MLflow integration set them.
 PASSED_ENV = (PIPELINE_RUN_ENV, "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "SFDDM_TRACKING")
-TRACKED_STAGE = {"teacher": "train_teacher", "distill": "distill"}
 
 
 def train_stage(stage: str, config_json: str, *, data_dir, out_dir, loss_csv, teacher_dir=None,
@@ -102,14 +101,12 @@ def train_stage(stage: str, config_json: str, *, data_dir, out_dir, loss_csv, te
 
 
 def _train_here(stage, cfg, data_dir: Path, out_dir: Path, loss_csv: Path, teacher_dir, checkpoint_dir):
-    from sfddm_core import distill, teacher, tracking
+    from sfddm_core import stages
 
-    with tracking.stage_run(TRACKED_STAGE[stage], cfg):
-        if stage == "teacher":
-            teacher.run(cfg, data_dir, out_dir, loss_csv, checkpoint_dir)
-        else:
-            distill.run(cfg, Path(teacher_dir), data_dir, out_dir, loss_csv, checkpoint_dir)
-        tracking.log_loss_csv(loss_csv)
+    if stage == "teacher":
+        stages.train_teacher(cfg, data_dir, out_dir, loss_csv, checkpoint_dir)
+    else:
+        stages.distill(cfg, Path(teacher_dir), data_dir, out_dir, loss_csv, checkpoint_dir)
 
 
 def _gpu(profile_json: str):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import socket
@@ -14,10 +15,12 @@ from urllib.parse import urlsplit
 
 import kfp
 import urllib3
+import yaml
 from kfp import compiler, local
 from kfp_server_api.exceptions import ApiException
 
 from components import image as image_lib
+from sfddm_core import config
 from sfddm_core.errors import SfddmError
 
 from .sfddm_pipeline import DEFAULT_PARAMS, PIPELINE_RUN_ENV, build_pipeline, resolved_params
@@ -49,7 +52,7 @@ def run_local(params_path: PathLike = DEFAULT_PARAMS, overrides: Optional[dict] 
     """
     params = resolved_params(params_path, overrides)
     pipeline = build_pipeline(params_path, shared_root=Path(pipeline_root).resolve() / LOCAL_SHARED)
-    arguments = _checked_arguments(pipeline, arguments)
+    arguments = _checked_arguments(pipeline, arguments, params)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
     # kfp.local sets no run id of its own in the tasks' environment; the tasks inherit this one.
     run_tag = os.environ.get(PIPELINE_RUN_ENV) or f"local-{uuid.uuid4().hex[:12]}"
@@ -74,7 +77,7 @@ def submit(host: str, params_path: PathLike = DEFAULT_PARAMS, arguments: Optiona
     """
     params = resolved_params(params_path, overrides)
     pipeline = build_pipeline(params_path, image=image_lib.resolve(image, registry))
-    arguments = _checked_arguments(pipeline, arguments)
+    arguments = _checked_arguments(pipeline, arguments, params)
     client = _connect(host)
     with tempfile.TemporaryDirectory() as tmp:
         package = Path(tmp) / "sfddm_pipeline.yaml"
@@ -112,11 +115,13 @@ def _connect(host: str):
                 from None
 
 
-def _checked_arguments(pipeline, arguments: Optional[dict]) -> dict:
-    """The pipeline arguments, refused with a one-line error when one is not a pipeline parameter.
+def _checked_arguments(pipeline, arguments: Optional[dict], params: str) -> dict:
+    """The pipeline arguments, refused with a one-line error when one is not a pipeline parameter, or
+    when `settings` does not resolve against params (here, not in the cluster's first step).
 
-    Whole numbers given for a float parameter (max_fid=40, as the command line parses it) become
-    floats: KFP refuses an int there.
+    Whole numbers given for a float parameter (budget hours, as the command line parses them) become
+    floats: KFP refuses an int there; a mapping given for a string parameter (settings, as the command
+    line parses {student.steps: 8}) becomes its YAML text.
     """
     inputs = pipeline.component_spec.inputs
     known = sorted(name for name in inputs if name != "params")
@@ -127,7 +132,12 @@ def _checked_arguments(pipeline, arguments: Optional[dict]) -> dict:
         if name not in inputs:
             raise SfddmError(f"unknown pipeline parameter {name!r}; expected one of {known}")
         is_number = isinstance(value, int) and not isinstance(value, bool)
-        checked[name] = float(value) if inputs[name].type == "Float" and is_number else value
+        if inputs[name].type == "Float" and is_number:
+            value = float(value)
+        elif inputs[name].type == "String" and not isinstance(value, str):
+            value = yaml.safe_dump(value, default_flow_style=True, sort_keys=False).strip()
+        checked[name] = value
+    config.with_settings_text(json.loads(params), checked.get("settings", ""))
     return checked
 
 

@@ -6,6 +6,21 @@ Standard library only: pipelines/launcher.py imports it inside a running step, w
 cannot be imported (the KFP executor has loaded only part of kfp.dsl, and kfp.compiler's imports then
 run into a partially initialised kfp.dsl.pipeline_context).
 """
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: str
+    memory: str
+
+
+# Requests per kind of step. The memory limit equals the request, so a step that outgrows it is
+# OOM-killed with that reason instead of evicting its neighbours; CPU is not limited (throttling
+# only slows a step down). A GPU step's is also one GPU's share of a training node (trainjob.PER_GPU).
+CPU_STEP = Resources(cpu="1", memory="4Gi")
+GPU_STEP = Resources(cpu="4", memory="16Gi")
+
 # {ConfigMap or Secret key: environment variable}, as kfp-kubernetes' use_config_map_as_env and
 # use_secret_as_env take them.
 SETTINGS_CONFIG_MAP = "sfddm-pipeline-settings"

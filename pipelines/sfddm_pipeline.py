@@ -2,12 +2,12 @@
 
     resolve_config -> prepare_data -+-> train_classifier ---------------------+
                    -> training_plan +-> train_teacher -+-> sample_teacher ----+-> evaluate -> register
-                                                       +-> distill -----------+
-    promote (register's version), only if evaluate's student FID <= max_fid
+                                                       +-> distill -----------+               -> promote
 
-Settings: `params` is params.yaml as JSON (its content at compile time is the default); the other
-parameters are the settings users change per run: each overrides its key in params unless left at 0 or
-"" (kfp.local cannot run a pipeline whose parameters may be absent, so they are never None). Every
+Settings: `params` is params.yaml as JSON (its content at compile time is the default), and `settings`
+the keys a run changes, a YAML mapping of dotted keys as `sfddm --set` takes them ("{student.steps: 8}").
+The registry's name and promotion gate are settings too (registry.model_name, registry.max_fid): the
+promote step applies the same gate as `dvc repro`'s, and a refusal is its recorded outcome. Every
 stage gets the whole resolved config: any change of settings re-runs every stage instead of risking a
 stale result from KFP's cache (dvc.yaml, which lists each stage's keys, is the finer-grained cache).
 GPU steps get the GPU profile (pipelines/gpu_profile.py); every step gets MLflow and object-store
@@ -25,7 +25,6 @@ it, in its pod or through a new TrainJob.
 """
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -37,8 +36,9 @@ from sfddm_core import config
 
 from . import gpu_profile, trainjob
 # The run namespace's settings (names kept importable from here, as before they moved to settings.py).
-from .settings import (DEFAULT_BUDGET_HOURS, MLFLOW_S3_ENV, MLFLOW_SECRET, MLFLOW_SECRET_ENV, PIPELINE_RUN_ENV,
-                       RUN_ID_FIELD, S3_SECRET, S3_SECRET_ENV, SETTINGS_CONFIG_MAP, SETTINGS_ENV)
+from .settings import (CPU_STEP, DEFAULT_BUDGET_HOURS, GPU_STEP, MLFLOW_S3_ENV, MLFLOW_SECRET, MLFLOW_SECRET_ENV,
+                       PIPELINE_RUN_ENV, RUN_ID_FIELD, S3_SECRET, S3_SECRET_ENV, SETTINGS_CONFIG_MAP, SETTINGS_ENV,
+                       Resources)
 
 PIPELINE_NAME = "sfddm"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,17 +46,6 @@ DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 COMPILED_PIPELINE = Path(__file__).with_name("sfddm_pipeline.yaml")
 
 
-@dataclass(frozen=True)
-class Resources:
-    cpu: str
-    memory: str
-
-
-# Requests per kind of step. The memory limit equals the request, so a step that outgrows it is
-# OOM-killed with that reason instead of evicting its neighbours; CPU is not limited (throttling
-# only slows a step down).
-CPU_STEP = Resources(cpu="1", memory="4Gi")
-GPU_STEP = Resources(cpu="4", memory="16Gi")
 # Training steps are retried: a preempted or evicted node should not cost the whole run. The teacher and
 # distill steps resume from their checkpoint on the training volume; the classifier (seconds) starts over.
 TRAINING_RETRIES = 2
@@ -82,7 +71,6 @@ def build_pipeline(params_path: Union[str, Path] = DEFAULT_PARAMS,
     folder for kfp.local, which does not mount volumes (runs.run_local).
     """
     default_params = resolved_params(params_path)
-    registry_defaults = config.load(params_path).registry      # the same gate as `dvc repro`'s
     gpu = gpu or gpu_profile.load()
     image = image and image_lib.check(image)
     gpu_json = json.dumps(dataclasses.asdict(gpu), sort_keys=True)      # for the TrainJobs' pods
@@ -130,25 +118,14 @@ def build_pipeline(params_path: Union[str, Path] = DEFAULT_PARAMS,
                   "student with SFDDM; evaluate, register and promote it in MLflow.")
     def sfddm_pipeline(
         params: str = default_params,
-        data_source: str = "",
-        teacher_timesteps: int = 0,
-        student_steps: int = 0,
-        spacing: str = "",
-        teacher_iterations: int = 0,
-        distill_iterations: int = 0,
-        fid_num_samples: int = 0,
-        registered_model_name: str = registry_defaults.model_name,
-        max_fid: float = registry_defaults.max_fid,
+        settings: str = "",
         num_nodes: int = 1,
         gpus_per_node: int = 1,
         training_pvc: str = trainjob.DEFAULT_CLAIM,
         teacher_budget_hours: float = DEFAULT_BUDGET_HOURS,
         distill_budget_hours: float = DEFAULT_BUDGET_HOURS,
     ) -> int:
-        cfg = on_cpu(components.resolve_config(
-            params=params, data_source=data_source, teacher_timesteps=teacher_timesteps,
-            student_steps=student_steps, spacing=spacing, teacher_iterations=teacher_iterations,
-            distill_iterations=distill_iterations, fid_num_samples=fid_num_samples)).output
+        cfg = on_cpu(components.resolve_config(params=params, settings=settings)).output
         dataset = on_cpu(components.prepare_data(config=cfg)).outputs["dataset"]
         classifier = retried(on_cpu(components.train_classifier(config=cfg, dataset=dataset)))
         plan = on_cpu(components.training_plan(config=cfg, num_nodes=num_nodes, gpus_per_node=gpus_per_node))
@@ -168,12 +145,8 @@ def build_pipeline(params_path: Union[str, Path] = DEFAULT_PARAMS,
             classifier=classifier.outputs["classifier"]))
         registration = never_cached(on_cpu(components.register(
             config=cfg, student_model=student_model, evaluation=evaluation.outputs["evaluation"],
-            dataset=dataset, model_name=registered_model_name)))
-        student_fid = evaluation.outputs["Output"]
-        with dsl.If(student_fid <= max_fid, name="student-fid-at-most-max-fid"):
-            never_cached(on_cpu(components.promote(
-                model_name=registered_model_name, model_version=registration.outputs["model_version"],
-                max_fid=max_fid)))
+            dataset=dataset)))
+        never_cached(on_cpu(components.promote(config=cfg, model_version=registration.outputs["model_version"])))
         return registration.outputs["model_version"]
 
     return sfddm_pipeline

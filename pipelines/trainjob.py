@@ -48,6 +48,8 @@ import yaml
 from sfddm_core import config as config_lib
 from sfddm_core.errors import SfddmError
 
+from .settings import CPU_STEP, GPU_STEP, Resources
+
 API_GROUP = "trainer.kubeflow.org"
 API_VERSION = "v1alpha1"
 KIND = "TrainJob"
@@ -86,16 +88,10 @@ STAGES = {
 }
 
 
-@dataclass(frozen=True)
-class Resources:
-    cpu: str
-    memory: str
-
-
-# One GPU's share of a node: the pipeline's GPU step (sfddm_pipeline.GPU_STEP) per process.
-PER_GPU = Resources(cpu="4", memory="16Gi")
-# A step that launches a TrainJob and waits: copies folders, polls the API, holds no GPU.
-LAUNCHER = Resources(cpu="1", memory="4Gi")
+# One GPU's share of a node: the pipeline's GPU step per process.
+PER_GPU = GPU_STEP
+# A step that launches a TrainJob and waits: copies folders, polls the API, holds no GPU (a CPU step).
+LAUNCHER = CPU_STEP
 
 
 @dataclass(frozen=True)

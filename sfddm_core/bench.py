@@ -30,10 +30,12 @@ import psutil
 import torch
 
 from . import config as config_lib
-from . import data, diffusion, distill, evaluate, fid, models, samplers, teacher
+from . import data, diffusion, distill, evaluate, fid, models, samplers, students, teacher
 from .config import Config
 from .errors import SfddmError
 from .io import atomic_file, resolve_device, sha256_file, sha256_files, write_json
+from .methods import METHODS
+from .methods import sfddm as sfddm_method
 
 # One question per variant; each is the settings plus these overrides.
 SWEEP: dict[str, dict] = {
@@ -126,7 +128,8 @@ class QualityBench:
     def sample(self, model: models.DiffusionModel, timesteps=None, seed_set: int = 0, sampler: str = "ddim") -> np.ndarray:
         steps = len(timesteps) if timesteps is not None else model.num_timesteps
         images, _ = samplers.generate(model, self.seed_sets[seed_set], sampler, timesteps, self.cfg.evaluate.batch_size,
-                                      self.device, desc=f"{sampler}, {steps} steps, seed set {seed_set}")
+                                      self.device, desc=f"{sampler}, {steps} steps, seed set {seed_set}",
+                                      precision=self.cfg.precision, channels_last=self.cfg.channels_last)
         return data.to_uint8(images)
 
     def distances(self, images: np.ndarray) -> dict[str, float]:
@@ -163,10 +166,9 @@ class QualityBench:
                 phi = np.asarray(variant["phi"])
                 rows[name] = {"nfe": variant["nfe"], "phi": variant["phi"],
                               **self.with_reruns(lambda k: self.sample(self.teacher, phi, k))}
-            d = variant["settings"]["distill"]
-            if d["method"] == "sfddm" and d["trajectory_weight"]:
-                path = target_path(np.asarray(variant["phi"]), d["substeps"])
-                name = f"teacher ODE {len(path)} (K = {d['substeps']} path)"
+            path = METHODS[variant["method"]].target_timesteps(variant["settings"])
+            if path is not None:
+                name = f"teacher ODE {len(path)} (K = {variant['settings']['distill']['substeps']} path)"
                 if name not in rows:
                     ode = models.DiffusionModel(self.teacher.unet, self.teacher.alphas_cumprod, clip_denoised=False)
                     rows[name] = {"nfe": len(path), **self.with_reruns(lambda k: self.sample(ode, path, k))}
@@ -175,15 +177,15 @@ class QualityBench:
     def run_variant(self, cfg: Config) -> dict:
         """Distil one student, with an FID curve along the way; FID (with reruns), consistency and
         compute at the end."""
-        schedule = distill.StudentSchedule(cfg.student_timesteps, self.teacher.alphas_cumprod)
-        dc = cfg.distill
+        schedule = diffusion.StudentSchedule(cfg.student_timesteps, self.teacher.alphas_cumprod)
+        dc, sampler = cfg.distill, METHODS[cfg.distill.method].sampler
         updates_per_curve = max(1, dc.iterations // CURVE_POINTS)
 
         def student(unet) -> models.DiffusionModel:
             return models.DiffusionModel(unet, schedule.abar_student, cfg.student.clip_denoised)
 
         def student_distances(unet, updates) -> dict:
-            return self.distances(self.sample(student(unet)))
+            return self.distances(self.sample(student(unet), None, 0, sampler))
 
         unet, _, log = distill.distill(cfg, self.teacher, self.data_dir, student_distances, updates_per_curve)
         compute = distill.training_compute(log)
@@ -192,9 +194,9 @@ class QualityBench:
                   "compute": forward_equivalents({"teacher_forwards": entry["teacher_forwards"],
                                                   "student_updates": entry["step"] + 1}, dc.batch_size)}
                  for entry in log if "fid" in entry]
-        images = self.sample(student(unet))
+        images = self.sample(student(unet), None, 0, sampler)
         consistency = evaluate.consistency_ratio(self.ddim_full["images"], images[:len(self.ddim_full["images"])])
-        final = self.with_reruns(lambda k: images if k == 0 else self.sample(student(unet), None, k))
+        final = self.with_reruns(lambda k: images if k == 0 else self.sample(student(unet), None, k, sampler))
         return {**final, "consistency_ratio": round(consistency, 4), "nfe": len(schedule.phi),
                 "phi": schedule.phi.tolist(), "compute": {**compute, "forward_equivalents": curve[-1]["compute"]},
                 "curve": curve}
@@ -211,13 +213,6 @@ def teacher_identity(teacher_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def target_path(phi: np.ndarray, substeps: int) -> np.ndarray:
-    """The teacher timesteps the trajectory targets visit: K DDIM sub-steps from each phi_i to phi_{i-1}."""
-    previous = np.concatenate([[-1], phi[:-1]])
-    steps = np.concatenate([diffusion.teacher_path(t, s, substeps)[:-1] for t, s in zip(phi, previous)])
-    return np.unique(steps)
-
-
 def ddim_baseline_name(variant: dict) -> str:
     """The baseline a variant is compared with: the teacher's DDIM on the same timesteps."""
     return f"teacher_ddim {variant['nfe']} {variant['settings']['student']['spacing']}"
@@ -225,10 +220,10 @@ def ddim_baseline_name(variant: dict) -> str:
 
 def settings_hash(cfg: Config, teacher_sha256: str) -> str:
     """What a stored variant result depends on: its settings, the teacher (teacher_identity), and the library's code (all
-    modules but the benchmark's own and the CLI), so a code change reruns the sweep."""
+    modules but the benchmark's own and the stage wrappers), so a code change reruns the sweep."""
     library = Path(__file__).parent
-    code = {path.name: sha256_file(path) for path in sorted(library.glob("*.py"))
-            if path.name not in ("bench.py", "bench_report.py", "cli.py")}
+    code = {str(path.relative_to(library)): sha256_file(path) for path in sorted(library.rglob("*.py"))
+            if path.name not in ("bench.py", "bench_report.py", "stages.py")}
     text = json.dumps({"config": config_lib.to_dict(cfg), "teacher": teacher_sha256, "code": code}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -317,7 +312,9 @@ def speed(cfg: Config, teacher_dir: Path, student_dir: Path, data_dir: Path, out
 
     batch_size: default 512 on a GPU, 64 on a CPU. teacher_steps: time the teacher over this many of its
     T steps and scale to T (default: all T; the per-step cost of a UNet does not depend on t). fast_gpu (default: on when a GPU is used): bf16
-    autocast, channels_last and torch.compile for the sampling measurements.
+    autocast, channels_last and torch.compile for the sampling measurements (models.autocast and
+    models.to_channels_last, which act on a GPU only: on a CPU, fast_gpu is torch.compile alone).
+    The training measurements run with cfg's own precision and channels_last settings.
     """
     device = resolve_device(cfg.device)
     fast_gpu = device.type == "cuda" if fast_gpu is None else fast_gpu
@@ -330,16 +327,13 @@ def speed(cfg: Config, teacher_dir: Path, student_dir: Path, data_dir: Path, out
         torch.cuda.reset_peak_memory_stats(device)
 
     def prepared(unet):
-        unet = unet.to(device).eval()
-        return torch.compile(unet.to(memory_format=torch.channels_last)) if fast_gpu else unet
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast_gpu)
+        unet = models.to_channels_last(unet.to(device).eval(), device, fast_gpu)
+        return torch.compile(unet) if fast_gpu else unet
 
     teacher_unet, student_unet = prepared(teacher_model.unet), prepared(student_model.unet)
     steps = min(teacher_steps or T, T)
     teacher_grid = np.arange(T)[-steps:]
-    with autocast():
+    with models.autocast(device, "bf16" if fast_gpu else "fp32"):
         seconds = median_seconds({
             "teacher": lambda: samplers.ddim_sample(teacher_unet, x, teacher_grid, teacher_model.alphas_cumprod),
             "student": lambda: samplers.ddim_sample(student_unet, x, np.arange(T_student), student_model.alphas_cumprod),
@@ -354,7 +348,7 @@ def speed(cfg: Config, teacher_dir: Path, student_dir: Path, data_dir: Path, out
 
     # Per step: the same UNet and timesteps under our loop and diffusers' (float32, eager), and the
     # loops' own overhead around a network that costs nothing.
-    plain_unet = teacher_model.unet.to(device).eval()
+    plain_unet = teacher_model.unet.to(device).to(memory_format=torch.contiguous_format).eval()   # prepared() changed its layout
     scheduler = models.DDIMScheduler(num_train_timesteps=T, trained_betas=diffusion.student_betas(
         teacher_model.alphas_cumprod, np.arange(T)).tolist(), clip_sample=True, set_alpha_to_one=True,
         timestep_spacing="trailing")
@@ -478,37 +472,42 @@ def fixed_input_eps(model_dir: Path) -> torch.Tensor:
 
 def training_throughput(cfg: Config, teacher_model: models.DiffusionModel, data_dir: Path,
                         device: torch.device, repeats: int) -> dict:
-    """Seconds of one distillation update (cfg.distill) and of one teacher training step, same batch size."""
+    """Seconds of one distillation update (cfg.distill) and of one teacher training step, same batch size,
+    with cfg.precision and cfg.channels_last applied as training.fit applies them."""
     batch_size = cfg.distill.batch_size
     images, _ = data.load_split(data_dir, "train")
     x0 = data.to_model_range(images[:batch_size]).to(device)
     eps = torch.randn_like(x0)
     rng = np.random.default_rng(0)
-    schedule = distill.StudentSchedule(cfg.student_timesteps, teacher_model.alphas_cumprod)
+    schedule = diffusion.StudentSchedule(cfg.student_timesteps, teacher_model.alphas_cumprod)
     teacher_unet = teacher_model.unet.to(device).eval().requires_grad_(False)
-    student_unet = distill.initial_student(teacher_unet, schedule.phi, cfg.student.init, cfg.seed).to(device)
-    trained_unet = distill.initial_student(teacher_unet, schedule.phi, "random", cfg.seed).to(device)
+    student_unet = students.initial_student(teacher_unet, schedule.phi, cfg.student.init, cfg.seed).to(device)
+    trained_unet = students.initial_student(teacher_unet, schedule.phi, "random", cfg.seed).to(device)
+    for unet in (teacher_unet, student_unet, trained_unet):
+        models.to_channels_last(unet, device, cfg.channels_last)
     student_opt = torch.optim.Adam(student_unet.parameters(), lr=cfg.distill.lr)
     teacher_opt = torch.optim.Adam(trained_unet.parameters(), lr=cfg.teacher.lr)
 
     def distill_update():
         i = rng.integers(0, len(schedule.phi), batch_size)
-        loss = distill.distillation_loss(student_unet, teacher_unet, x0, eps, i, schedule, cfg.distill)["loss"]
+        with models.autocast(device, cfg.precision):
+            loss = sfddm_method.distillation_loss(student_unet, teacher_unet, x0, eps, i, schedule, cfg.distill)["loss"]
         student_opt.zero_grad()
         loss.backward()
         student_opt.step()
 
     def teacher_step():
         t = torch.as_tensor(rng.integers(0, teacher_model.num_timesteps, batch_size), device=device)
-        loss = teacher.denoising_loss(trained_unet, x0, eps, t, teacher_model.alphas_cumprod)
+        with models.autocast(device, cfg.precision):
+            loss = teacher.denoising_loss(trained_unet, x0, eps, t, teacher_model.alphas_cumprod)
         teacher_opt.zero_grad()
         loss.backward()
         teacher_opt.step()
 
     seconds = median_seconds({"distill": distill_update, "teacher": teacher_step}, device, repeats)
     distill_seconds, teacher_seconds = seconds["distill"], seconds["teacher"]
-    return {"batch_size": batch_size, "substeps": cfg.distill.substeps,
-            "distill_update_ms": round(1e3 * distill_seconds, 2), "teacher_step_ms": round(1e3 * teacher_seconds, 2),
+    return {"batch_size": batch_size, "substeps": cfg.distill.substeps, "precision": cfg.precision,
+            "channels_last": cfg.channels_last, "distill_update_ms": round(1e3 * distill_seconds, 2), "teacher_step_ms": round(1e3 * teacher_seconds, 2),
             "distill_over_teacher_step": round(distill_seconds / teacher_seconds, 2)}
 
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from .bench import compute_to_reach, ddim_baseline_name
 from .io import atomic_file, atomic_write_text
+from .methods import METHODS
 
 PROFILES = ("fast", "full")            # bench.PROFILES, in report order
 README_BEGIN, README_END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
@@ -132,18 +133,13 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def _objective(settings: dict) -> str:
+    """The distillation a variant ran: its method's objective, then the settings shared by all methods."""
     d, student = settings["distill"], settings["student"]
-    terms = [name for name, key in (("pointwise", "pointwise_weight"), (f"trajectory K={d['substeps']}",
-                                    "trajectory_weight"), ("hidden", "hidden_weight")) if d[key]]
-    if d["method"] == "progressive":
-        terms = ["progressive (2 teacher DDIM steps)"]
     extras = [f"init {student['init']}"] if student["init"] != "teacher" else []
-    extras += ["inputs on the teacher's path"] if d["inputs"] == "teacher_path" else []
-    extras += ["steps weighted by loss"] if d["step_sampling"] == "loss" else []
     extras += ["clipped sub-steps"] if d["clip_substeps"] else []
     extras += ["sampler unclipped"] if not student["clip_denoised"] else []
     extras += [f"lr {d['lr']:g} {d['lr_decay']}"]
-    return " + ".join(terms) + "; " + ", ".join(extras)
+    return METHODS[d["method"]].describe(settings) + "; " + ", ".join(extras)
 
 
 def render(qualities: dict[str, dict], speed: Optional[dict], preemption: Optional[dict] = None) -> str:

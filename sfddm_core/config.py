@@ -107,6 +107,8 @@ class RegistryConfig:
 class Config:
     seed: int = 0
     device: str = "auto"                # auto | cpu | cuda
+    precision: str = "fp32"             # fp32 | bf16: bf16 autocast of training and sampling on CUDA
+    channels_last: bool = False         # CUDA: UNets in channels_last memory format (training and sampling)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -122,12 +124,12 @@ class Config:
 
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
+    "precision": ("fp32", "bf16"),
     "data.source": ("digits", "cifar10", "folder"),
     "data.channels": (1, 3),
     "teacher.source": ("train", "pretrained"),
     "teacher.beta_schedule": diffusion.BETA_SCHEDULES,
     "student.init": ("teacher", "random", "copy"),
-    "distill.method": ("sfddm", "progressive"),
     "distill.loss": ("l1", "l2"),
     "distill.inputs": ("forward_process", "teacher_path"),
     "distill.step_sampling": ("uniform", "loss"),
@@ -227,10 +229,6 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"teacher.num_train_timesteps: {cfg.teacher.num_train_timesteps} makes the "
                               f"{cfg.teacher.beta_schedule} schedule's last beta {last_beta:.3g}; expected "
                               "a beta below 1 (the linear schedule needs T > 20)")
-    if cfg.distill.inputs == "teacher_path" and (cfg.distill.pointwise_weight or cfg.distill.hidden_weight):
-        raise ConfigError("distill.inputs: teacher_path trains the trajectory term alone, expected "
-                          "distill.pointwise_weight and distill.hidden_weight 0, got "
-                          f"{cfg.distill.pointwise_weight} and {cfg.distill.hidden_weight}")
     unet = cfg.teacher.unet
     if len(unet.attention) != len(unet.block_out_channels):
         raise ConfigError(f"teacher.unet.attention: expected {len(unet.block_out_channels)} entries, one "
@@ -257,15 +255,12 @@ def validate(cfg: Config) -> Config:
     if cfg.evaluate.consistency_samples > cfg.evaluate.num_samples:
         raise ConfigError(f"evaluate.consistency_samples: {cfg.evaluate.consistency_samples} exceeds "
                           f"evaluate.num_samples = {cfg.evaluate.num_samples}")
-    if cfg.distill.method == "progressive" and cfg.student.init != "teacher":
-        raise ConfigError(f"student.init: progressive distillation starts every student from its teacher, "
-                          f"expected teacher, got {cfg.student.init!r}")
-    if cfg.distill.method == "progressive" and len(diffusion.progressive_grids(cfg.student_timesteps)) == 1:
-        raise ConfigError(f"student.spacing: progressive distillation halves every gap of phi = "
-                          f"{cfg.student_timesteps.tolist()} (counted from the data end, -1), but its "
-                          "smallest gap is 1; use trailing spacing")
     if cfg.teacher.source == "pretrained" and not cfg.teacher.uri:
         raise ConfigError("teacher.uri: teacher.source pretrained needs a local folder, s3:// URI or hub id")
+    from .methods import METHODS        # here, not at the top: the methods import this module
+    if cfg.distill.method not in METHODS:
+        raise ConfigError(f"distill.method: {cfg.distill.method!r} is not one of {list(METHODS)}")
+    METHODS[cfg.distill.method].check(cfg)
     return cfg
 
 
@@ -301,6 +296,18 @@ def with_overrides(values: dict, overrides: dict) -> Config:
                                   "not a section of settings")
         node[last] = value
     return from_dict(values)
+
+
+def with_settings_text(values: dict, text: str) -> Config:
+    """params-style `values` with the overrides in `text`, a YAML mapping of dotted keys such as
+    "{student.steps: 8, distill.iterations: 2000}" (the pipeline's `settings` parameter; "": none)."""
+    try:
+        overrides = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"settings: not valid YAML ({yaml_problem(err)})") from None
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"settings: expected a mapping of dotted keys such as {{student.steps: 8}}, got {text!r}")
+    return with_overrides(values, {str(key): value for key, value in overrides.items()})
 
 
 def yaml_problem(err: yaml.YAMLError) -> str:

@@ -8,6 +8,7 @@ sqrt(1 - abar_t) eps; student step i <-> teacher step phi_i.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence, Union
 
 import numpy as np
@@ -87,6 +88,26 @@ def student_betas(teacher_alphas_cumprod: np.ndarray, phi: np.ndarray) -> np.nda
     return 1.0 - alphas
 
 
+@dataclass(frozen=True)
+class StudentSchedule:
+    """The index map and both schedules, float64: abar_student[i] == abar_teacher[phi[i]]."""
+    phi: np.ndarray
+    abar_teacher: np.ndarray
+
+    @property
+    def abar_student(self) -> np.ndarray:
+        """abar'_i = abar_{phi_i}, taken as is so that x' is the teacher's x_{phi_i} bit for bit."""
+        return self.abar_teacher[self.phi]
+
+    @property
+    def betas(self) -> np.ndarray:
+        return student_betas(self.abar_teacher, self.phi)
+
+    def previous_teacher_step(self, i: np.ndarray) -> np.ndarray:
+        """phi_{i-1}, with -1 (the data end) for i = 0."""
+        return np.where(i > 0, self.phi[np.maximum(i - 1, 0)], -1)
+
+
 def progressive_grids(phi: np.ndarray) -> list[np.ndarray]:
     """The teacher timesteps of each progressive-distillation fold, finest first, ending with phi.
 
@@ -152,6 +173,13 @@ def x0_landing_on(x_t: torch.Tensor, x_target: torch.Tensor, abar_t, abar_s) -> 
     abar_t, abar_s = np.asarray(abar_t, np.float64), np.asarray(abar_s, np.float64)
     r = np.sqrt((1.0 - abar_s) / (1.0 - abar_t))
     return (x_target - _coef(r, x_t) * x_t) / _coef(np.sqrt(abar_s) - r * np.sqrt(abar_t), x_t)
+
+
+def eps_landing_on(x_t: torch.Tensor, x_target: torch.Tensor, abar_t, abar_s) -> torch.Tensor:
+    """eps* whose one unclipped DDIM step from x_t (at t) lands on x_target (at s):
+    eps* = (x_t - sqrt(abar_t) x0*) / sqrt(1 - abar_t), x0* = x0_landing_on(...). The distillation target
+    of a student step that must do what several teacher steps do; for one teacher step it is that step's eps."""
+    return predict_eps(x_t, x0_landing_on(x_t, x_target, abar_t, abar_s), abar_t)
 
 
 def teacher_path(t: int, s: int, substeps: int) -> np.ndarray:

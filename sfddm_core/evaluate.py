@@ -43,29 +43,35 @@ def load_samples(path: Path) -> dict:
         return {"images": f["images"], "seconds": float(f["seconds"]), "nfe": int(f["nfe"])}
 
 
+def generate(cfg: Config, model: models.DiffusionModel, image_seeds, sampler: str = "ddim", timesteps=None,
+             **options) -> tuple[torch.Tensor, float]:
+    """samplers.generate with cfg's device, sampling batch size, precision and memory format."""
+    return samplers.generate(model, image_seeds, sampler, timesteps, cfg.evaluate.batch_size, resolve_device(cfg.device),
+                             precision=cfg.precision, channels_last=cfg.channels_last, **options)
+
+
 def sample_teacher(cfg: Config, teacher_dir: Path, out_dir: Path) -> Path:
     """sfddm sample-teacher: the teacher's DDPM over all T steps (the quality ceiling) and its
     probability-flow ODE on the first consistency_samples seeds (the reference for semantic consistency):
     DDIM over all T steps with x0-hat unclipped, so that it follows the ODE, clipped only at the end."""
-    device, ec = resolve_device(cfg.device), cfg.evaluate
+    ec = cfg.evaluate
     teacher = models.load_model(teacher_dir)
     T = teacher.num_timesteps
     with atomic_dir(out_dir) as tmp:
-        images, seconds = samplers.generate(teacher, seeds(cfg, ec.num_samples), "ddpm", batch_size=ec.batch_size,
-                                            device=device, desc=f"teacher DDPM, {T} steps")
+        images, seconds = generate(cfg, teacher, seeds(cfg, ec.num_samples), "ddpm", desc=f"teacher DDPM, {T} steps")
         save_samples(tmp / SAMPLE_FILES["teacher_ddpm"], images, seconds, T)
-        images, seconds = samplers.generate(teacher, seeds(cfg, ec.consistency_samples), "ddim",
-                                            batch_size=ec.batch_size, device=device,
-                                            desc=f"teacher ODE (unclipped DDIM), {T} steps", clip_denoised=False)
+        images, seconds = generate(cfg, teacher, seeds(cfg, ec.consistency_samples), "ddim",
+                                   desc=f"teacher ODE (unclipped DDIM), {T} steps", clip_denoised=False)
         save_samples(tmp / SAMPLE_FILES["teacher_ddim_full"], images, seconds, T)
     return out_dir
 
 
 def consistency_ratio(teacher: np.ndarray, student: np.ndarray) -> float:
-    """Mean distance teacher-vs-student from the same noise over the mean from different noises.
+    """Mean Euclidean distance teacher-vs-student from the same noise over the mean from different noises:
+    mean_k |t_k - s_k| / mean_k |t_k - s_{k-1}| (images in [-1, 1]; s_{-1} is the last image, so the
+    pairs of different noises are a derangement of the same set).
 
     0: the student draws the teacher's image for every noise; about 1: no more alike than strangers.
-    Different noises pair image k with image k + 1 (a derangement of the same set).
     """
     a = data.to_model_range(teacher).flatten(1)
     b = data.to_model_range(student).flatten(1)
@@ -99,8 +105,9 @@ def write_reports(report_dir: Path, grids: dict[str, np.ndarray], side_by_side: 
 
 
 def training_monitor(cfg: Config, abar: np.ndarray, timesteps: Optional[np.ndarray], clip_denoised: bool, key: str,
-                     data_dir: Optional[Path] = None, classifier: Optional[Path] = None) -> Callable[[torch.nn.Module, int], dict]:
-    """training.fit's evaluate hook: a grid of the EMA model's DDIM samples (on `timesteps` of its
+                     data_dir: Optional[Path] = None, classifier: Optional[Path] = None,
+                     sampler: str = "ddim") -> Callable[[torch.nn.Module, int], dict]:
+    """training.fit's monitor hook: a grid of the EMA model's samples by `sampler` (on `timesteps` of its
     schedule abar; None: all) logged to MLflow as image `key` at its update. With the FID classifier
     it also returns FID and KID of evaluate.num_samples samples against the test split, which join
     the training log (the FID-along-training curve)."""
@@ -111,8 +118,7 @@ def training_monitor(cfg: Config, abar: np.ndarray, timesteps: Optional[np.ndarr
 
     def monitor(unet: torch.nn.Module, updates: int) -> dict:
         model = models.DiffusionModel(unet, abar, clip_denoised)
-        images, _ = samplers.generate(model, seeds(cfg, count), "ddim", timesteps, ec.batch_size, device,
-                                      desc=f"{key} at update {updates}")
+        images, _ = generate(cfg, model, seeds(cfg, count), sampler, timesteps, desc=f"{key} at update {updates}")
         tracking.log_image(image_grid(images[:GRID_IMAGES]), key, updates)
         if network is None:
             return {}
@@ -121,34 +127,34 @@ def training_monitor(cfg: Config, abar: np.ndarray, timesteps: Optional[np.ndarr
     return monitor
 
 
-def interpolate(model: models.DiffusionModel, cfg: Config, device, frames: int = 10) -> torch.Tensor:
+def interpolate(model: models.DiffusionModel, cfg: Config, frames: int = 10) -> torch.Tensor:
     """The student's images along the spherical path between the noises of the first two seeds."""
     a, b = samplers.gaussian(samplers.image_generators(seeds(cfg, 2)), model.image_shape, "cpu")
     noise = torch.stack([diffusion.slerp(a, b, w) for w in np.linspace(0.0, 1.0, frames)])
-    images, _ = samplers.generate(model, list(range(frames)), "ddim", noise=noise, device=device,
-                                  desc="interpolation")
+    images, _ = generate(cfg, model, list(range(frames)), "ddim", noise=noise, desc="interpolation")
     return images
 
 
-def sample_to_files(cfg: Config, model_dir: Path, out_dir: Path, num_images: int, steps, sampler: str,
-                    seed: int) -> Path:
-    """sfddm sample: out_dir/grid.png and out_dir/samples.npz (uint8 NCHW), image k from seed + k."""
+def sample_to_files(cfg: Config, model_dir: Path, out_dir: Path, num_images: int,
+                    num_inference_steps: Optional[int], sampler: str, seed: int) -> Path:
+    """sfddm sample: out_dir/grid.png and out_dir/samples.npz (uint8 NCHW), image k from seed + k, over
+    num_inference_steps of the model's own steps (a trailing subset; None: all of them)."""
     model = models.load_model(model_dir)
     timesteps = None
-    if steps is not None:
-        if steps > model.num_timesteps:
-            raise SfddmError(f"--steps: {steps} exceeds the model's {model.num_timesteps} timesteps")
-        timesteps = diffusion.student_timesteps(model.num_timesteps, steps, "trailing")
-    images, seconds = samplers.generate(model, seed + np.arange(num_images), sampler, timesteps,
-                                        cfg.evaluate.batch_size, resolve_device(cfg.device), desc=sampler)
+    if num_inference_steps is not None:
+        if num_inference_steps > model.num_timesteps:
+            raise SfddmError(f"--num-inference-steps: {num_inference_steps} exceeds the model's "
+                             f"{model.num_timesteps} timesteps")
+        timesteps = diffusion.student_timesteps(model.num_timesteps, num_inference_steps, "trailing")
+    images, seconds = generate(cfg, model, seed + np.arange(num_images), sampler, timesteps, desc=sampler)
     with atomic_dir(out_dir) as tmp:
-        save_samples(tmp / "samples.npz", images, seconds, len(timesteps if steps else model.alphas_cumprod))
+        save_samples(tmp / "samples.npz", images, seconds, len(timesteps if num_inference_steps else model.alphas_cumprod))
         save_grid(tmp / "grid.png", images, nrow=int(np.ceil(np.sqrt(num_images))))
     return out_dir
 
 
-def evaluate(cfg: Config, teacher_dir: Path, student_dir: Path, teacher_samples: Path, data_dir: Path,
-             classifier_path: Path, metrics_path: Path, report_dir: Path) -> dict:
+def student_metrics(cfg: Config, teacher_dir: Path, student_dir: Path, teacher_samples: Path, data_dir: Path,
+                    classifier_path: Path, metrics_path: Path, report_dir: Path) -> dict:
     """sfddm evaluate: metrics/evaluate.json and the PNGs in reports/."""
     device, ec = resolve_device(cfg.device), cfg.evaluate
     teacher, student = models.load_model(teacher_dir), models.load_model(student_dir)
@@ -159,9 +165,10 @@ def evaluate(cfg: Config, teacher_dir: Path, student_dir: Path, teacher_samples:
                          f"evaluate.num_samples is {ec.num_samples}; rerun sfddm sample-teacher")
     runs = {"teacher_ddpm": (stored["teacher_ddpm"]["images"], stored["teacher_ddpm"]["seconds"],
                              stored["teacher_ddpm"]["nfe"])}
-    for name, model, timesteps in (("teacher_ddim", teacher, phi), ("student", student, None)):
-        images, seconds = samplers.generate(model, seeds(cfg, ec.num_samples), "ddim", timesteps,
-                                            ec.batch_size, device, desc=name)
+    student_sampler = io.student_provenance(student_dir).get("sampler", "ddim")   # its method's sampler
+    for name, model, timesteps, sampler in (("teacher_ddim", teacher, phi, "ddim"),
+                                            ("student", student, None, student_sampler)):
+        images, seconds = generate(cfg, model, seeds(cfg, ec.num_samples), sampler, timesteps, desc=name)
         runs[name] = (data.to_uint8(images), seconds, len(phi))
     reference, _ = data.load_split(data_dir, "test")
     network = fid.feature_network(ec, classifier_path)
@@ -179,6 +186,6 @@ def evaluate(cfg: Config, teacher_dir: Path, student_dir: Path, teacher_samples:
         "num_samples": ec.num_samples,
     }
     write_reports(report_dir, {name: run[0] for name, run in runs.items()},
-                  (reference_full, runs["student"][0]), interpolate(student, cfg, device))
+                  (reference_full, runs["student"][0]), interpolate(student, cfg))
     write_json(metrics_path, metrics)
     return metrics

@@ -7,12 +7,13 @@ has an sfddm.json listing the sha256 of its other files, and load_model refuses 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import ContextManager, Optional
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from .config import UNetConfig
 from .errors import SfddmError
 
 MANIFEST = io.MANIFEST
+PRECISIONS = ("fp32", "bf16")   # the `precision` setting: bf16 autocast of the networks on CUDA
 CARD = "README.md"          # a student folder's model card
 # The UNet weight files UNet2DModel.from_pretrained reads (no variant): whole or sharded, safetensors or pickle
 UNET_WEIGHTS = tuple(f"diffusion_pytorch_model.{kind}{index}" for kind in ("safetensors", "bin")
@@ -59,7 +61,8 @@ def build_unet(cfg: UNetConfig, image_size: int, channels: int) -> UNet2DModel:
 
 
 def eps_and_hidden(unet: UNet2DModel, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The UNet's eps prediction and its last hidden feature map, the input of `conv_out`."""
+    """The UNet's eps prediction (in x's dtype, also under bf16 autocast) and its last hidden feature
+    map, the input of `conv_out`."""
     captured = {}
     layer = distributed.unwrapped(unet).conv_out            # unet may be the DDP wrapper of a training step
     hook = layer.register_forward_pre_hook(lambda module, args: captured.update(h=args[0]))
@@ -67,7 +70,34 @@ def eps_and_hidden(unet: UNet2DModel, x: torch.Tensor, t: torch.Tensor) -> tuple
         eps = unet(x, t).sample
     finally:
         hook.remove()
-    return eps, captured["h"]
+    return eps.to(x.dtype), captured["h"]
+
+
+# ---- running the networks fast on a GPU: the `precision` and `channels_last` settings ----
+# Both act on CUDA devices only; elsewhere they are ignored (bf16 on a CPU is slower than float32 and
+# changes the numbers, channels_last buys nothing there), so CPU runs stay bit for bit as they were.
+
+def autocast(device: torch.device, precision: str = "fp32") -> ContextManager:
+    """The context the networks' forward passes (and the losses on them) run in: bf16 autocast for
+    precision "bf16" on a CUDA device, else a no-op. Only the device's type is read (no GPU is needed
+    to decide). Weights, optimizer state, EMA and sampler arithmetic stay float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: unknown {precision!r}, expected one of {PRECISIONS}")
+    if precision != "bf16" or torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    try:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    except RuntimeError as err:         # a GPU without bfloat16
+        raise SfddmError(f"precision: bf16 is not available here ({str(err).splitlines()[0]}); "
+                         "set precision=fp32") from None
+
+
+def to_channels_last(module: torch.nn.Module, device: torch.device, enabled: bool) -> torch.nn.Module:
+    """module (changed in place, and returned) in the channels_last memory format when enabled and
+    device is CUDA; otherwise untouched. Values are unchanged, only their layout in memory."""
+    if enabled and torch.device(device).type == "cuda":
+        module.to(memory_format=torch.channels_last)
+    return module
 
 
 # ---- saving ----

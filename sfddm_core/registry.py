@@ -77,13 +77,13 @@ class Decision:
 # ---- registration ----
 
 def register(student_dir: PathLike, metrics_path: PathLike, data_dir: PathLike,
-             model_name: str = DEFAULT_MODEL_NAME) -> Registration:
+             model_name: str = DEFAULT_MODEL_NAME, run_id: Optional[str] = None) -> Registration:
     """Register a student folder as an MLflow pyfunc model version and point `challenger` at it.
 
     The version is tagged with its FIDs and provenance (VERSION_TAGS). Registering the same student
     (same student_sha256) with the same metrics again creates nothing: the existing version is found
-    by its tags, and `challenger` is moved back to it. Inside a tracking.stage_run block the model is
-    logged to that run.
+    by its tags, and `challenger` is moved back to it. The model is logged into run_id (the stage's
+    run), or a run of its own.
     """
     import mlflow
     student_dir = Path(student_dir)
@@ -97,7 +97,7 @@ def register(student_dir: PathLike, metrics_path: PathLike, data_dir: PathLike,
             from . import models
             image_shape = models.load_model(student_dir).image_shape     # also checks the folder loads
             metrics = read_metrics(metrics_path)
-            model_uri = log_student_model(student_dir, image_shape, metrics, model_name).model_uri
+            model_uri = log_student_model(student_dir, image_shape, metrics, model_name, run_id).model_uri
             # Tags go in with the version, so no reader (promote) ever sees it untagged.
             version = int(mlflow.register_model(model_uri, model_name, tags=tags).version)
             client.update_model_version(model_name, version, description=version_description(tags))
@@ -160,9 +160,10 @@ def version_description(tags: dict[str, str]) -> str:
             "student/README.md.")
 
 
-def log_student_model(student_dir: Path, image_shape: tuple[int, int, int], metrics: dict, model_name: str):
-    """Log the student as a pyfunc model-from-code (sfddm_core/serving.py, no pickles) and return its
-    ModelInfo; into the active stage run when there is one.
+def log_student_model(student_dir: Path, image_shape: tuple[int, int, int], metrics: dict, model_name: str,
+                      run_id: Optional[str] = None):
+    """Log the student as a pyfunc model-from-code (sfddm_core/serving.py, no pickles) into run_id (None:
+    a run of its own) and return its ModelInfo.
 
     The diffusers folder is the artifact "student", its model card completed with the measured FID and
     KID. A copy of sfddm_core travels with the model (code_paths), so loading it needs the pinned
@@ -174,7 +175,6 @@ def log_student_model(student_dir: Path, image_shape: tuple[int, int, int], metr
     from mlflow.models import Model
 
     from . import io, models
-    run = tracking.active_run()
     with tempfile.TemporaryDirectory() as tmp:
         student = Path(tmp) / "student"
         shutil.copytree(student_dir, student)
@@ -183,7 +183,7 @@ def log_student_model(student_dir: Path, image_shape: tuple[int, int, int], metr
         models.write_manifest(student, provenance)          # the card changed: hash the files again
         package = Path(tmp) / "sfddm_core"
         shutil.copytree(SERVING_CODE.parent, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        return Model.log(artifact_path=None, name="student", flavor=pyfunc, run_id=run.run_id if run else None,
+        return Model.log(artifact_path=None, name="student", flavor=pyfunc, run_id=run_id,
                          python_model=str(SERVING_CODE), artifacts={"student": str(student)},
                          code_paths=[str(package)], signature=serving_signature(image_shape),
                          input_example=pd.DataFrame({"num_images": [2], "seed": [0]}),
@@ -191,14 +191,14 @@ def log_student_model(student_dir: Path, image_shape: tuple[int, int, int], metr
 
 
 def serving_signature(image_shape: tuple[int, int, int]):
-    """Input columns num_images, seed (long) and optional steps (long); output uint8 images
+    """Input columns num_images, seed (long) and optional num_inference_steps (long); output uint8 images
     (num_images, H, W, C), ready for PIL, a quarter of the size of float32."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
     channels, height, width = image_shape
     inputs = Schema([ColSpec("long", "num_images"), ColSpec("long", "seed"),
-                     ColSpec("long", "steps", required=False)])
+                     ColSpec("long", "num_inference_steps", required=False)])
     return ModelSignature(inputs, Schema([TensorSpec(np.dtype(np.uint8), (-1, height, width, channels))]))
 
 

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import diffusion
+from . import models
 from .models import DiffusionModel
 
 SAMPLERS = ("ddim", "ddpm")
@@ -29,7 +30,9 @@ def gaussian(generators: list[torch.Generator], shape, device) -> torch.Tensor:
 
 
 def _eps(unet, x: torch.Tensor, t: int) -> torch.Tensor:
-    return unet(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).sample
+    """The network's eps in x's dtype: under bf16 autocast (generate's precision) the network runs in
+    bf16 and the sampler's update arithmetic stays float32."""
+    return unet(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).sample.to(x.dtype)
 
 
 @torch.no_grad()
@@ -81,16 +84,22 @@ SAMPLER_FUNCTIONS: dict[str, Callable] = {"ddim": ddim_sample, "ddpm": ddpm_samp
 def generate(model: DiffusionModel, seeds: Sequence[int], sampler: str = "ddim",
              timesteps: Optional[Sequence[int]] = None, batch_size: int = 250,
              device: torch.device = torch.device("cpu"), noise: Optional[torch.Tensor] = None,
-             desc: str = "sampling", clip_denoised: Optional[bool] = None) -> tuple[torch.Tensor, float]:
+             desc: str = "sampling", clip_denoised: Optional[bool] = None, precision: str = "fp32",
+             channels_last: bool = False) -> tuple[torch.Tensor, float]:
     """Images in [-1, 1] (CPU, float32) for the given per-image seeds, and the seconds spent sampling.
 
     timesteps: a subset of the model's own timesteps (default: all). noise: explicit starting noise
     (used for interpolation); per-step DDPM noise still comes from the seeds. clip_denoised: clip x0 at
     every step (default: as the model's own scheduler says, model.clip_denoised).
+    precision "bf16": the network runs under bf16 autocast (models.autocast), the sampler's arithmetic
+    in float32; channels_last: the UNet runs in that memory format (models.to_channels_last) and is put
+    back in the default one afterwards. Both on a CUDA device only; ignored elsewhere.
     """
     clip_denoised = model.clip_denoised if clip_denoised is None else clip_denoised
     timesteps = np.arange(model.num_timesteps) if timesteps is None else np.asarray(timesteps)
+    models.autocast(device, precision)          # refuses an unknown precision before any work
     unet, sample = model.unet.to(device).eval(), SAMPLER_FUNCTIONS[sampler]
+    models.to_channels_last(unet, device, channels_last)
     images, seconds = [], 0.0
     starts = range(0, len(seeds), batch_size)
     # The bar counts network evaluations (steps of every batch): a 1000-step batch moves it as it goes.
@@ -106,11 +115,14 @@ def generate(model: DiffusionModel, seeds: Sequence[int], sampler: str = "ddim",
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 began = time.perf_counter()
-                x = sample(unet, x, timesteps, model.alphas_cumprod, generators, clip_denoised)
+                with models.autocast(device, precision):
+                    x = sample(unet, x, timesteps, model.alphas_cumprod, generators, clip_denoised)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds += time.perf_counter() - began
                 images.append(x.float().cpu())
         finally:
             tick.remove()
+            if channels_last:       # back to the default layout (a no-op where it was not changed)
+                unet.to(memory_format=torch.contiguous_format)
     return torch.cat(images), seconds

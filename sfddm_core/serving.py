@@ -2,8 +2,8 @@
 the model, so nothing is pickled. It imports sfddm_core absolutely because it runs as a script; the
 registry ships a copy of sfddm_core with the model (code_paths).
 
-Input: a DataFrame whose first row holds num_images, seed and optionally steps (fewer than the
-student's T' steps: a trailing subset of them). Output: uint8 images, shape (num_images, H, W, C);
+Input: a DataFrame whose first row holds num_images, seed and optionally num_inference_steps (fewer
+than the student's T' steps: a trailing subset of them, as in diffusers' pipelines). Output: uint8 images, shape (num_images, H, W, C);
 image k starts from the noise of seed + k, as in `sfddm sample`.
 """
 import mlflow
@@ -23,7 +23,7 @@ class StudentModel(PythonModel):
     # A DataFrame hint makes MLflow infer no schema from it: the logged signature is the contract.
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         request = model_input.iloc[0]
-        steps = request.get("steps")
+        steps = request.get("num_inference_steps")
         timesteps = None if steps is None or np.isnan(steps) else \
             diffusion.student_timesteps(self.model.num_timesteps, int(steps), "trailing")
         seeds = int(request["seed"]) + np.arange(int(request["num_images"]))

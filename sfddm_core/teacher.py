@@ -50,8 +50,9 @@ def train_teacher(cfg: Config, data_dir: Path, checkpoint: Optional[Checkpoint] 
         cfg, abar, diffusion.student_timesteps(len(abar), min(len(abar), evaluate.MONITOR_TEACHER_STEPS), "trailing"),
         True, "teacher_samples")
     ema_unet, log = fit(unet, loss_fn, tc.iterations, tc.lr, tc.ema_decay, cfg.seed, desc="teacher",
-                        evaluate_every=max(1, tc.iterations // evaluate.MONITOR_POINTS), evaluate=monitor,
-                        grad_clip=tc.grad_clip, checkpoint=checkpoint, on_log=on_log)
+                        monitor_every=max(1, tc.iterations // evaluate.MONITOR_POINTS), monitor=monitor,
+                        grad_clip=tc.grad_clip, checkpoint=checkpoint, on_log=on_log,
+                        precision=cfg.precision, channels_last=cfg.channels_last)
     return models.DiffusionModel(ema_unet.cpu(), abar), log
 
 

@@ -21,11 +21,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import math
 import os
 import subprocess
 import time
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Union
 from urllib.parse import unquote, urlparse
@@ -60,10 +62,19 @@ class StageRun:
     owned: bool
 
 
-_active: Optional[StageRun] = None
-_pending: list = []                     # live metrics not yet sent (log_step)
-_last_flush = 0.0
-_live_steps: set = set()                # steps of the active run already logged live
+@dataclass
+class _ActiveRun:
+    """The stage run of the enclosing stage_run block and its live metrics: those not yet sent
+    (log_step), when they were last sent, and the steps already logged live."""
+    run: StageRun
+    pending: list = field(default_factory=list)
+    last_flush: float = 0.0
+    live_steps: set = field(default_factory=set)
+
+
+# The enclosing stage_run block's run, scoped to that block (training hooks such as log_step, called
+# deep inside a stage, find it here instead of through every signature).
+_active: ContextVar[Optional[_ActiveRun]] = ContextVar("sfddm_stage_run", default=None)
 
 
 def enabled() -> bool:
@@ -91,8 +102,10 @@ def mlflow_errors(action: str) -> Iterator[None]:
 def connect() -> tuple["mlflow.MlflowClient", str]:  # noqa: F821
     """Point MLflow at the tracking URI, check it answers, and make the sfddm experiment the active one.
 
-    Returns (client, experiment id). MLflow's fluent API (used by model logging) sees the same URI and
-    experiment, since both are set process-wide here.
+    Returns (client, experiment id); stage runs and logging go through the client. Two settings are
+    process-wide because MLflow offers no other place for them: HTTP_DEFAULTS (its HTTP client reads
+    them from the environment only; values already there win), and the URI and experiment of MLflow's
+    fluent API, which registration's model logging and register_model use.
     """
     import mlflow
     uri = tracking_uri()
@@ -166,13 +179,11 @@ def stage_run(stage: str, cfg=None) -> Iterator[Optional[StageRun]]:
     opens ends FINISHED, or FAILED when the block raises; a run continued from MLFLOW_RUN_ID belongs
     to whoever created it (the KFP backend), which also ends it.
     """
-    global _active
     if not enabled():
         yield None
         return
     run = _open_stage_run(stage)
-    _active = run
-    _live_steps.clear()
+    token = _active.set(_ActiveRun(run))
     monitor = _system_metrics(run)
     try:
         if cfg is not None:
@@ -183,16 +194,18 @@ def stage_run(stage: str, cfg=None) -> Iterator[Optional[StageRun]]:
         with contextlib.suppress(SfddmError):   # the stage's own error is the one to report
             flush_live_metrics()
             _finish(run, "FAILED")
-        _end(monitor)
+        _end(monitor, token)
         raise
     flush_live_metrics()
-    _end(monitor)
+    _end(monitor, token)
     _finish(run, "FINISHED")
 
 
 def _system_metrics(run: StageRun):
     """MLflow's system metrics monitor (CPU, memory, disk, network; GPUs where pynvml finds them) on
     the stage run, sampled every SYSTEM_METRICS_SECONDS; None where it cannot start."""
+    # Its INFO lines (started, stopped, no GPU) would bury a stage's own output and one-line errors.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
         monitor = SystemMetricsMonitor(run.run_id, sampling_interval=SYSTEM_METRICS_SECONDS,
@@ -203,9 +216,8 @@ def _system_metrics(run: StageRun):
         return None
 
 
-def _end(monitor) -> None:
-    global _active
-    _active = None
+def _end(monitor, token) -> None:
+    _active.reset(token)
     if monitor is not None:
         with contextlib.suppress(Exception):
             monitor.finish()
@@ -213,7 +225,8 @@ def _end(monitor) -> None:
 
 def active_run() -> Optional[StageRun]:
     """The stage run of the enclosing stage_run block, if any."""
-    return _active
+    active = _active.get()
+    return active and active.run
 
 
 def _open_stage_run(stage: str) -> StageRun:
@@ -295,24 +308,26 @@ def log_step(entry: dict) -> None:
     """One training log entry ({"step": n, "loss": ..., other terms}) as metrics at its step, while the
     stage runs: buffered, and sent once LIVE_FLUSH_SECONDS have passed since the last send (and when
     the stage ends), so a long training shows its curves in MLflow as it goes."""
-    global _last_flush
-    if _active is None:
+    active = _active.get()
+    if active is None:
         return
-    _pending.extend(_metrics(entry, int(time.time() * 1000)))
-    _live_steps.add(int(entry["step"]))
-    if time.monotonic() - _last_flush >= LIVE_FLUSH_SECONDS:
+    active.pending.extend(_metrics(entry, int(time.time() * 1000)))
+    active.live_steps.add(int(entry["step"]))
+    if time.monotonic() - active.last_flush >= LIVE_FLUSH_SECONDS:
         flush_live_metrics()
 
 
 def flush_live_metrics() -> None:
-    global _last_flush
-    _last_flush = time.monotonic()
-    if _active is None or not _pending:
+    active = _active.get()
+    if active is None:
         return
-    batch = list(_pending)
-    _pending.clear()
+    active.last_flush = time.monotonic()
+    if not active.pending:
+        return
+    batch = list(active.pending)
+    active.pending.clear()
     with mlflow_errors("logging training metrics"):
-        _active.client.log_batch(_active.run_id, metrics=batch)   # split into requests of <= 1000
+        active.run.client.log_batch(active.run.run_id, metrics=batch)   # split into requests of <= 1000
 
 
 def _metrics(entry: dict, timestamp: int) -> list:
@@ -325,34 +340,37 @@ def _metrics(entry: dict, timestamp: int) -> list:
 def log_image(image, key: str, step: int) -> None:
     """An image (uint8 array H x W x C, or PIL) under `key` at a training step: MLflow shows the
     series with a step slider."""
-    if _active is None:
+    run = active_run()
+    if run is None:
         return
     with mlflow_errors(f"logging image {key}"):
-        _active.client.log_image(_active.run_id, image, key=key, step=step, synchronous=True)
+        run.client.log_image(run.run_id, image, key=key, step=step, synchronous=True)
 
 
 def log_loss_csv(path: PathLike) -> None:
     """A loss log (columns step, loss, optional terms): the CSV itself as an artifact under metrics/,
     and as metrics every step that was not logged live (all of them for a log written elsewhere; the
     steps before a resume, whose live metrics went to the interrupted run)."""
-    if _active is None:
+    run = active_run()
+    if run is None:
         return
     path = _existing(path)
     timestamp = int(time.time() * 1000)
     with open(path, newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if int(row["step"]) not in _live_steps]
+        rows = [row for row in csv.DictReader(handle) if int(row["step"]) not in _active.get().live_steps]
     metrics = [metric for row in rows for metric in _metrics(row, timestamp)]
     with mlflow_errors(f"logging {path}"):
         # log_batch splits the list into requests of at most 1000 metrics each.
-        _active.client.log_batch(_active.run_id, metrics=metrics)
-        _active.client.log_artifact(_active.run_id, str(path), "metrics")
+        run.client.log_batch(run.run_id, metrics=metrics)
+        run.client.log_artifact(run.run_id, str(path), "metrics")
 
 
 def log_metrics_file(path: PathLike) -> None:
     """A JSON metrics file (e.g. evaluate.json) flattened to dotted keys: numbers as metrics
     (fid.student, images_per_second.teacher_ddpm, ...), strings as tags (feature_network); the file
     itself as an artifact under metrics/."""
-    if _active is None:
+    run = active_run()
+    if run is None:
         return
     from mlflow.entities import Metric, RunTag
     path = _existing(path)
@@ -365,21 +383,22 @@ def log_metrics_file(path: PathLike) -> None:
                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)]
     tags = [RunTag(key, value) for key, value in values.items() if isinstance(value, str)]
     with mlflow_errors(f"logging {path}"):
-        _active.client.log_batch(_active.run_id, metrics=metrics, tags=tags)
-        _active.client.log_artifact(_active.run_id, str(path), "metrics")
+        run.client.log_batch(run.run_id, metrics=metrics, tags=tags)
+        run.client.log_artifact(run.run_id, str(path), "metrics")
 
 
 def log_artifacts(path: PathLike, artifact_path: Optional[str] = None) -> None:
     """A file or a whole folder (sample grids, side-by-side and interpolation PNGs) as artifacts;
     a folder's files keep their relative names under artifact_path (default: the folder's name)."""
-    if _active is None:
+    run = active_run()
+    if run is None:
         return
     path = _existing(path)
     with mlflow_errors(f"logging {path}"):
         if path.is_dir():
-            _active.client.log_artifacts(_active.run_id, str(path), artifact_path or path.name)
+            run.client.log_artifacts(run.run_id, str(path), artifact_path or path.name)
         else:
-            _active.client.log_artifact(_active.run_id, str(path), artifact_path)
+            run.client.log_artifact(run.run_id, str(path), artifact_path)
 
 
 def _existing(path: PathLike) -> Path:

@@ -19,7 +19,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from . import config as config_lib
-from . import distributed
+from . import distributed, models
 from .errors import SfddmError
 from .io import atomic_file
 
@@ -99,10 +99,10 @@ def learning_rate(base_lr: float, iterations: int, warmup: int = 0, decay: str =
 
 
 def fit(model: torch.nn.Module, loss_fn: Callable[[int, np.random.Generator, torch.nn.Module], dict], iterations: int,
-        lr: Union[float, Callable[[int], float]], ema_decay: float, seed: int, desc: str, evaluate_every: int = 0,
-        evaluate: Optional[Callable[[torch.nn.Module, int], dict]] = None, grad_clip: Optional[float] = None,
-        checkpoint: Optional[Checkpoint] = None,
-        on_log: Optional[Callable[[dict], None]] = None) -> tuple[torch.nn.Module, list[dict]]:
+        lr: Union[float, Callable[[int], float]], ema_decay: float, seed: int, desc: str, monitor_every: int = 0,
+        monitor: Optional[Callable[[torch.nn.Module, int], dict]] = None, grad_clip: Optional[float] = None,
+        checkpoint: Optional[Checkpoint] = None, on_log: Optional[Callable[[dict], None]] = None,
+        precision: str = "fp32", channels_last: bool = False) -> tuple[torch.nn.Module, list[dict]]:
     """Train `model` in place for `iterations` Adam steps and return (its EMA copy, the loss log).
 
     lr: a number, or the learning rate at each update (learning_rate); being a function of the step
@@ -112,7 +112,7 @@ def fit(model: torch.nn.Module, loss_fn: Callable[[int, np.random.Generator, tor
     torchrun its DDP wrapper, which averages gradients over ranks; each rank's loss_fn draws the global
     batch and keeps its slice (distributed.shard), and the logged entries are means over ranks. rng
     (numpy, seeded, the same on every rank) draws batches and timesteps, so runs repeat exactly on one
-    device and N processes make one process's updates to float tolerance. evaluate(ema_model, updates), if given, runs every `evaluate_every`
+    device and N processes make one process's updates to float tolerance. monitor(ema_model, updates), if given, runs every `monitor_every`
     updates and after the last; its dict joins that step's log entry (its time is not counted in
     "seconds"). on_log(entry) receives each step's finished log entry as it is made (live tracking).
     Both run on rank 0 only. grad_clip: clip the gradient norm to this (None: off).
@@ -124,10 +124,22 @@ def fit(model: torch.nn.Module, loss_fn: Callable[[int, np.random.Generator, tor
     checkpoint.fingerprint, and is refused otherwise. Nothing in it depends on the number of processes,
     so a run may resume on another count that divides the batch. A non-finite loss on any rank stops
     every rank with an SfddmError and leaves the last good checkpoint in place.
+
+    precision "bf16" (models.autocast): loss_fn runs under bf16 autocast, the backward pass and the
+    update outside it; weights, Adam's state and the EMA stay float32, and the loss that is checked,
+    logged and minimised is cast to float32. channels_last (models.to_channels_last): the model is
+    trained in that memory format (converted before the optimizer, EMA, checkpoint loading and the DDP
+    wrap) and put back in the default format at the end, as is the returned EMA copy. Both act only
+    when the model is on a CUDA device; on a CPU they are ignored (bf16 there is slow and changes the
+    numbers), so CPU runs are the same bit for bit whatever they say. Neither changes what a
+    checkpoint holds (float32 state), so a run may resume with them switched.
     """
     ranks = distributed.world()
+    device = next(model.parameters()).device
+    models.autocast(device, precision)          # refuses an unknown precision before any work
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    models.to_channels_last(model, device, channels_last)  # before the optimizer, EMA, loading and DDP's wrap
     lr_at = lr if callable(lr) else (lambda step: lr)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr_at(0))
     ema = EMAModel(model.parameters(), decay=ema_decay)
@@ -152,8 +164,9 @@ def fit(model: torch.nn.Module, loss_fn: Callable[[int, np.random.Generator, tor
               disable=not ranks.main) as progress:
         for step in progress:
             began = time.perf_counter()
-            terms = loss_fn(step, rng, net)
-            loss = terms["loss"]
+            with models.autocast(device, precision):    # forward and loss; backward and update outside
+                terms = loss_fn(step, rng, net)
+            loss = terms["loss"].float()                # a no-op in float32
             values = distributed.mean({k: float(v.detach() if torch.is_tensor(v) else v) for k, v in terms.items()})
             if not math.isfinite(values["loss"]):
                 rank = "" if ranks.size == 1 else f" on {'this' if not math.isfinite(loss.item()) else 'another'} rank"
@@ -169,8 +182,8 @@ def fit(model: torch.nn.Module, loss_fn: Callable[[int, np.random.Generator, tor
             seconds += time.perf_counter() - began
             log.append({"step": step, **{k: round(v, 6) for k, v in values.items()}, "seconds": round(seconds, 3)})
             progress.set_postfix(loss=f"{values['loss']:.4f}")
-            if ranks.main and evaluate and ((step + 1) % evaluate_every == 0 or step + 1 == iterations):
-                log[-1].update(evaluate(ema_copy(model, ema), step + 1))
+            if ranks.main and monitor and ((step + 1) % monitor_every == 0 or step + 1 == iterations):
+                log[-1].update(monitor(ema_copy(model, ema), step + 1))
                 model.train()
             if ranks.main and on_log is not None:
                 on_log(log[-1])
@@ -184,6 +197,8 @@ def fit(model: torch.nn.Module, loss_fn: Callable[[int, np.random.Generator, tor
                 saved, last_save = step + 1, time.monotonic()
     if checkpoint is not None and checkpoint.remove_at_end and ranks.main:
         checkpoint.remove()
+    if channels_last:                   # back to the default layout (a no-op where it was not changed)
+        model.to(memory_format=torch.contiguous_format)
     return ema_copy(model, ema), log
 
 

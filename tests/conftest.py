@@ -51,8 +51,21 @@ def merged(base: dict, changes: dict) -> dict:
     return out
 
 
+def save_tiny_student(root, steps: int = 4):
+    """root/student: a tiny random `steps`-step student as `sfddm distill` writes it (T = 1000, trailing),
+    and root/data/meta.json, the prepared-data meta registration reads. Returns root."""
+    torch.manual_seed(0)
+    unet = models.build_unet(UNetConfig(block_out_channels=(8, 16), attention=(False, True), norm_num_groups=4), 8, 1)
+    phi = diffusion.student_timesteps(1000, steps, "trailing")
+    betas = diffusion.student_betas(diffusion.alphas_cumprod(diffusion.beta_schedule("linear", 1000)), phi)
+    models.save_student(unet, betas, root / "student", student_provenance(phi), clip_sample=False)
+    (root / "data").mkdir()
+    (root / "data" / "meta.json").write_text('{"source": "digits"}\n')
+    return root
+
+
 def student_provenance(phi, teacher_timesteps: int = 1000, method: str = "sfddm") -> dict:
     """The sfddm.json provenance that `sfddm distill` writes, for a student saved by a test."""
-    return {"method": method, "phi": [int(i) for i in phi], "teacher_timesteps": teacher_timesteps,
+    return {"method": method, "sampler": "ddim", "phi": [int(i) for i in phi], "teacher_timesteps": teacher_timesteps,
             "student_steps": len(phi), "spacing": "trailing", "teacher_source": "models/teacher",
             "teacher_sha256": "ab" * 32}

@@ -19,7 +19,8 @@ from conftest import TINY_PARAMS, make_unet, merged
 from PIL import Image
 
 from mlflow_server import S3_ENV, free_port, fresh_database
-from sfddm_core import cli, data, diffusion, models, tracking
+from sfddm_cli import cli
+from sfddm_core import data, diffusion, models, tracking
 from sfddm_core.config import DataConfig
 
 # Every output flag of a command points at tmp_path/out*, so one look for out* and .out* finds leftovers.
@@ -302,8 +303,8 @@ CASES = [
         args=lambda ws: ["--set", "student.spacing=[1,"]),
     bad("num-images-zero", "sample", ("--num-images", "expected a positive integer, got '0'"),
         args=lambda ws: ["--model", str(ws.teacher()), "--num-images", "0"]),
-    bad("sample-steps-above-T", "sample", ("--steps", f"exceeds the model's {TEACHER_STEPS} timesteps"),
-        args=lambda ws: ["--model", str(ws.teacher()), "--steps", str(TEACHER_STEPS + 1)]),
+    bad("sample-steps-above-T", "sample", ("--num-inference-steps", f"exceeds the model's {TEACHER_STEPS} timesteps"),
+        args=lambda ws: ["--model", str(ws.teacher()), "--num-inference-steps", str(TEACHER_STEPS + 1)]),
     # ---- the data source ----
     bad("data-folder-missing", "prepare", ("{root}/nowhere", "expected a folder of .png/.jpg images"),
         lambda ws: ws.set_params({"data": {"source": "folder", "path": str(ws.root / "nowhere")}})),

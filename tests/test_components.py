@@ -14,13 +14,9 @@ from components.reports import fid_table_markdown, sample_grids_html
 from sfddm_core import config
 from sfddm_core.errors import ConfigError
 
-NO_OVERRIDES = {"data_source": "", "teacher_timesteps": 0, "student_steps": 0, "spacing": "",
-                "teacher_iterations": 0, "distill_iterations": 0, "fid_num_samples": 0}
-
-
 @pytest.fixture
 def tiny_config():
-    return components.resolve_config.python_func(params=json.dumps(TINY_PARAMS), **NO_OVERRIDES)
+    return components.resolve_config.python_func(params=json.dumps(TINY_PARAMS), settings="")
 
 
 @pytest.fixture(autouse=True)
@@ -30,22 +26,23 @@ def no_tracking(monkeypatch):
 
 
 def test_resolve_config_applies_pipeline_settings_over_params():
-    settings = {**NO_OVERRIDES, "student_steps": 5, "spacing": "[19, 39, 59, 79, 99]",
-                "distill_iterations": 7}
-    resolved = json.loads(components.resolve_config.python_func(params=json.dumps(TINY_PARAMS), **settings))
+    settings = "{student.steps: 5, student.spacing: [19, 39, 59, 79, 99], distill.iterations: 7}"
+    resolved = json.loads(components.resolve_config.python_func(params=json.dumps(TINY_PARAMS), settings=settings))
     assert resolved["student"] == {"steps": 5, "spacing": [19, 39, 59, 79, 99], "init": "teacher",
                                    "clip_denoised": True}
     assert resolved["distill"]["iterations"] == 7
-    assert resolved["teacher"]["num_train_timesteps"] == 100        # left at 0: the value in params
+    assert resolved["teacher"]["num_train_timesteps"] == 100        # not in settings: the value in params
     assert config.from_dict(resolved).student_timesteps.tolist() == [19, 39, 59, 79, 99]
 
 
 def test_resolve_config_refuses_a_bad_setting_naming_its_key():
     with pytest.raises(ConfigError, match="student.steps"):
-        components.resolve_config.python_func(params=json.dumps(TINY_PARAMS),
-                                              **{**NO_OVERRIDES, "student_steps": 101})
+        components.resolve_config.python_func(params=json.dumps(TINY_PARAMS), settings="{student.steps: 101}")
+    with pytest.raises(ConfigError, match="settings: expected a mapping"):
+        components.resolve_config.python_func(params=json.dumps(TINY_PARAMS), settings="student.steps=8")
 
 
+@pytest.mark.slow      # real stages
 def test_prepare_data_then_train_teacher(tmp_path, tiny_config):
     dataset = dsl.Dataset(uri=str(tmp_path / "dataset"))
     components.prepare_data.python_func(config=tiny_config, dataset=dataset)

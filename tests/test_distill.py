@@ -7,7 +7,8 @@ import torch
 
 from sfddm_core import diffusion
 from sfddm_core.config import DistillConfig
-from sfddm_core.distill import StudentSchedule, distillation_loss, trajectory_eps_target
+from sfddm_core.diffusion import StudentSchedule
+from sfddm_core.methods.sfddm import distillation_loss, trajectory_eps_target
 
 from conftest import make_unet
 
@@ -95,7 +96,7 @@ def test_one_step_path_gives_the_teachers_eps(linear_abar):
 
 
 def test_teacher_init_starts_as_the_teacher_on_phi(linear_abar):
-    from sfddm_core.distill import align_time_embedding
+    from sfddm_core.students import align_time_embedding
     phi = diffusion.student_timesteps(1000, 4, "trailing")
     teacher, student = make_unet(0), make_unet(1)
     student.load_state_dict(teacher.state_dict())
@@ -123,7 +124,7 @@ def test_progressive_target_is_two_teacher_ddim_steps_by_hand(linear_abar):
     """Fold 8 -> 4 steps on fine = [124, 249, ..., 999]: coarse step j = 1 goes 499 -> 374 -> 249 and
     j = 0 goes 249 -> 124 -> data. One unclipped student DDIM step with the loss's eps~ must land
     where the teacher's two unclipped steps land; the loss is the MSE to that eps~."""
-    from sfddm_core.distill import progressive_loss
+    from sfddm_core.methods.progressive import progressive_loss
     fine = diffusion.progressive_grids(diffusion.student_timesteps(1000, 4, "trailing"))[-2]
     assert fine[:4].tolist() == [124, 249, 374, 499]
     x0 = torch.tensor([[[[0.5, -0.9], [0.8, 0.1]]], [[[0.3, -0.7], [1.0, -1.0]]]])
@@ -150,7 +151,7 @@ def test_progressive_target_of_a_constant_eps_teacher_is_that_eps(linear_abar):
     """DDIM is exact when eps is constant, so two steps land where one does and eps~ is the teacher's eps,
     also in the first fold at high noise, where x0-hat lies far outside [-1, 1] (clipping it there would
     move eps~ 25-fold: c_ts is -0.04 for 999 -> 995)."""
-    from sfddm_core.distill import progressive_loss
+    from sfddm_core.methods.progressive import progressive_loss
 
     class ConstantEps(torch.nn.Module):
         def forward(self, x, t):
@@ -169,7 +170,7 @@ def test_progressive_target_of_a_constant_eps_teacher_is_that_eps(linear_abar):
 def test_time_embedding_fit_beyond_the_well_conditioned_range(linear_abar):
     """T' = 10 on a UNet with 8 sinusoidal time features: least squares alone is far off (the features
     of 0..9 are nearly collinear); the refinement brings the copy's outputs within 1e-2 of the teacher."""
-    from sfddm_core.distill import align_time_embedding
+    from sfddm_core.students import align_time_embedding
     phi = diffusion.student_timesteps(1000, 10, "trailing")
     teacher, student = make_unet(0), make_unet(1)
     student.load_state_dict(teacher.state_dict())
@@ -186,7 +187,7 @@ def test_teacher_path_targets_chain_the_teachers_ddim_segments(linear_abar):
     """Inputs on the teacher's own path: the top input is x' at phi_{T'-1}; each (x, i, eps*) is what
     trajectory_eps_target gives at that x; and one student DDIM step with eps* from step i lands on the
     input of step i - 1 (the last one on the teacher's image)."""
-    from sfddm_core.distill import teacher_path_targets
+    from sfddm_core.methods.sfddm import teacher_path_targets
     schedule = StudentSchedule(diffusion.student_timesteps(1000, 3, "trailing"), linear_abar)
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.rand(5, 1, 4, 4, generator=g) * 2 - 1, torch.randn(5, 1, 4, 4, generator=g)
@@ -213,7 +214,7 @@ def test_learning_rate_warms_up_then_decays_by_a_cosine():
 
 
 def test_step_sampler_leans_toward_the_step_with_the_larger_running_loss():
-    from sfddm_core.distill import StepSampler
+    from sfddm_core.methods.sfddm import StepSampler
     rng = np.random.default_rng(0)
     uniform = StepSampler(4, weighted=False)
     assert uniform.draw(np.random.default_rng(0), 8).tolist() == np.random.default_rng(0).integers(0, 4, 8).tolist()

@@ -17,7 +17,7 @@ from sfddm_core.errors import SfddmError
 
 COMMIT_IMAGE = "ghcr.io/sfddm/sfddm:git-0123456789abcdef"
 DIGEST_IMAGE = "registry.example:5000/team/sfddm@sha256:" + "ab" * 32
-SFDDM = [sys.executable, "-m", "sfddm_core.cli"]
+SFDDM = [sys.executable, "-m", "sfddm_cli"]
 
 
 def git(repo, *args):
@@ -50,6 +50,7 @@ def images_in(package):
     return set(images.values())
 
 
+@pytest.mark.slow      # `sfddm pipeline compile` in a subprocess
 def test_every_executor_runs_the_image_given_at_compile_time(tmp_path):
     package = tmp_path / "cli.yaml"
     subprocess.run([*SFDDM, "pipeline", "compile", "--out", str(package), "--image", COMMIT_IMAGE],
@@ -119,6 +120,7 @@ def test_commit_tags_and_digests_are_accepted(reference):
     assert image_lib.check(reference) == reference
 
 
+@pytest.mark.slow      # `sfddm pipeline compile` in a subprocess
 def test_cli_refuses_a_mutable_tag_with_one_line(tmp_path):
     done = subprocess.run([*SFDDM, "pipeline", "compile", "--out", str(tmp_path / "x.yaml"),
                            "--image", "ghcr.io/sfddm/sfddm:0.1.0"], cwd=REPO_ROOT, capture_output=True, text=True)

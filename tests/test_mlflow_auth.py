@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import requests
-import torch
 
+from conftest import save_tiny_student
 from mlflow_server import MlflowServer, fresh_database
-from sfddm_core import config, diffusion, models, registry, tracking
-from sfddm_core.config import UNetConfig
+from sfddm_core import config, registry, tracking
 from test_k8s import KUBECTL, NAMESPACE, FakeCluster, container, env_map, one, pod_spec, render
 
-pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
+pytestmark = [pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed"),
+              pytest.mark.slow]      # MLflow servers behind the k8s auth setup: ~50 s
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -125,18 +125,7 @@ def deployed(tmp_path_factory):
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
     """A tiny 4-step student (student/), prepared-data meta (data/meta.json) and evaluate metrics."""
-    root = tmp_path_factory.mktemp("student")
-    torch.manual_seed(0)
-    unet = models.build_unet(UNetConfig(block_out_channels=(8, 16), attention=(False, True),
-                                        norm_num_groups=4), 8, 1)
-    phi = diffusion.student_timesteps(1000, STEPS, "trailing")
-    betas = diffusion.student_betas(diffusion.alphas_cumprod(diffusion.beta_schedule("linear", 1000)), phi)
-    models.save_student(unet, betas, root / "student", {
-        "method": "sfddm", "phi": phi.tolist(), "teacher_timesteps": 1000, "student_steps": STEPS,
-        "spacing": "trailing",
-        "teacher_source": "models/teacher", "teacher_sha256": "ab" * 32}, clip_sample=False)
-    (root / "data").mkdir()
-    (root / "data" / "meta.json").write_text('{"source": "digits"}\n')
+    root = save_tiny_student(tmp_path_factory.mktemp("student"), STEPS)
     runs = ("teacher_ddpm", "teacher_ddim", "student")
     (root / "evaluate.json").write_text(json.dumps({
         "fid": {"teacher_ddpm": 1.0, "teacher_ddim": 2.0, "student": 3.0},

@@ -154,9 +154,7 @@ def test_training_steps_mount_the_training_volume_and_size_their_pods_at_run_tim
 
 
 def test_training_plan_sizes_the_training_pods():
-    config = components.resolve_config.python_func(
-        params=json.dumps(TINY_PARAMS), data_source="", teacher_timesteps=0, student_steps=0, spacing="",
-        teacher_iterations=0, distill_iterations=0, fid_num_samples=0)
+    config = components.resolve_config.python_func(params=json.dumps(TINY_PARAMS), settings="")
     here = components.training_plan.python_func(config=config, num_nodes=1, gpus_per_node=1)
     assert here._asdict() == {"teacher_gpus": 1, "teacher_cpu": GPU_STEP.cpu, "teacher_memory": GPU_STEP.memory,
                               "distill_gpus": 1, "distill_cpu": GPU_STEP.cpu, "distill_memory": GPU_STEP.memory}
@@ -170,8 +168,6 @@ def test_training_plan_sizes_the_training_pods():
 
 def test_training_retries_and_registry_steps_are_never_cached(spec):
     for name, task in tasks(spec).items():
-        if name.startswith("condition"):
-            continue
         if name in TRAINING_STEPS:
             assert task["retryPolicy"] == {"maxRetryCount": 2, "backoffDuration": "60s", "backoffFactor": 2.0,
                                            "backoffMaxDuration": "600s"}, name
@@ -180,20 +176,20 @@ def test_training_retries_and_registry_steps_are_never_cached(spec):
         assert task["cachingOptions"].get("enableCache", False) is (name not in REGISTRY_STEPS), name
 
 
-def test_promote_runs_only_when_the_student_fid_is_within_max_fid(spec):
-    [gate] = [task for name, task in tasks(spec).items() if name.startswith("condition")]
-    assert gate["taskInfo"]["name"] == "student-fid-at-most-max-fid"
-    assert gate["triggerPolicy"]["condition"] == (
-        "inputs.parameter_values['pipelinechannel--evaluate-Output'] <= "
-        "inputs.parameter_values['pipelinechannel--max_fid']")
-    assert set(spec["components"][gate["componentRef"]["name"]]["dag"]["tasks"]) == {"promote"}
+def test_promote_applies_the_registry_gate_of_the_resolved_config(spec):
+    """One gate for both drivers: the promote step gets the config (registry.max_fid, model name) and
+    runs after register, as `dvc repro`'s promote stage does."""
+    promote = tasks(spec)["promote"]
+    assert promote["inputs"]["parameters"]["config"]["taskOutputParameter"]["producerTask"] == "resolve-config"
+    assert "register" in promote["dependentTasks"]
 
 
 def test_params_default_is_the_resolved_params_yaml(spec):
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     assert json.loads(inputs["params"]["defaultValue"])["teacher"]["num_train_timesteps"] == 1000
-    assert {"data_source", "teacher_timesteps", "student_steps", "spacing", "teacher_iterations",
-            "distill_iterations", "fid_num_samples", "registered_model_name", "max_fid"} <= set(inputs)
+    assert inputs["settings"]["defaultValue"] == ""       # settings live in params (one source)
+    assert set(inputs) == {"params", "settings", "num_nodes", "gpus_per_node", "training_pvc",
+                           "teacher_budget_hours", "distill_budget_hours"}
     scale = {name: inputs[name]["defaultValue"] for name in
              ("num_nodes", "gpus_per_node", "training_pvc", "teacher_budget_hours", "distill_budget_hours")}
     assert scale == {"num_nodes": 1, "gpus_per_node": 1, "training_pvc": "sfddm-training",
@@ -215,12 +211,26 @@ def test_unknown_pipeline_argument_is_refused_before_running(tmp_path):
         run_local(pipeline_root=tmp_path, arguments={"student_step": 8})
 
 
-def test_submit_to_an_unreachable_host_fails_fast_with_one_line():
-    started = time.monotonic()
+def test_submit_to_an_unreachable_host_fails_after_one_bounded_probe_with_one_line(monkeypatch):
+    """Nothing listens at the host: one TCP probe with a timeout, then one line; kfp's client (whose
+    health check has no timeout and retries) is never made, and nothing sleeps for a retry."""
+    import socket
+
+    import kfp
+    probes, connect = [], socket.create_connection
+
+    def probe(address, timeout=None, *args, **kwargs):
+        probes.append((address, timeout))
+        return connect(address, timeout, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", probe)
+    monkeypatch.setattr(kfp, "Client", lambda *args, **kwargs: pytest.fail("kfp.Client made for an unreachable host"))
+    monkeypatch.setattr(time, "sleep", lambda seconds: pytest.fail(f"slept {seconds} s: a retry's back-off"))
     with pytest.raises(SfddmError) as error:
-        submit("http://127.0.0.1:1", arguments={"student_steps": 8, "max_fid": 40},
+        submit("http://127.0.0.1:1", arguments={"settings": {"student.steps": 8, "registry.max_fid": 40}},
                image="ghcr.io/sfddm/sfddm:git-0123456789ab")
-    assert time.monotonic() - started < 15
+    assert len(probes) == 1 and probes[0][0] == ("127.0.0.1", 1), probes
+    assert isinstance(probes[0][1], (int, float)) and 0 < probes[0][1] <= 15     # a bounded wait
     message = str(error.value)
     assert len(message.splitlines()) == 1 and "127.0.0.1:1" in message and "unreachable" in message
 
@@ -234,11 +244,11 @@ def test_whole_pipeline_runs_locally_and_registers_a_champion(tmp_path, monkeypa
     monkeypatch.delenv("SFDDM_PIPELINE_RUN", raising=False)
     monkeypatch.delenv("SFDDM_TRACKING", raising=False)        # conftest turns it off for other tests
     started = time.monotonic()
-    # teacher_timesteps, a pipeline parameter, takes T from 100 to 25: it checks that pipeline
-    # parameters reach the stages, and cuts the teacher's sampling over all T steps to a quarter.
+    # The settings parameter takes T from 100 to 25: it checks that pipeline settings reach the
+    # stages (the registry's too), and cuts the teacher's sampling over all T steps to a quarter.
     version = run_local(overrides=flatten(TINY_PARAMS), pipeline_root=tmp_path / "runs",
-                        arguments={"teacher_timesteps": 25, "registered_model_name": "sfddm-tiny",
-                                   "max_fid": 10**6})
+                        arguments={"settings": "{teacher.num_train_timesteps: 25, registry.model_name: sfddm-tiny, "
+                                               "registry.max_fid: 1000000}"})
     print(f"local pipeline run: {time.monotonic() - started:.0f} s")
 
     assert version == 1

@@ -10,14 +10,12 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 from mlflow import MlflowClient
 
-from sfddm_core import diffusion, io, models, registry, tracking
-from sfddm_core.config import UNetConfig
+from sfddm_core import io, models, registry, tracking
 from sfddm_core.errors import SfddmError
 
-from conftest import student_provenance
+from conftest import save_tiny_student
 from mlflow_server import free_port, mlflow_servers, s3_keys  # noqa: F401 (mlflow_servers: a fixture)
 
 STEPS = 4
@@ -26,16 +24,7 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
     """A folder holding a tiny 4-step student (student/) and prepared-data meta (data/meta.json)."""
-    root = tmp_path_factory.mktemp("student")
-    torch.manual_seed(0)
-    unet = models.build_unet(UNetConfig(block_out_channels=(8, 16), attention=(False, True),
-                                        norm_num_groups=4), 8, 1)
-    phi = diffusion.student_timesteps(1000, STEPS, "trailing")
-    betas = diffusion.student_betas(diffusion.alphas_cumprod(diffusion.beta_schedule("linear", 1000)), phi)
-    models.save_student(unet, betas, root / "student", student_provenance(phi), clip_sample=False)
-    (root / "data").mkdir()
-    (root / "data" / "meta.json").write_text('{"source": "digits"}\n')
-    return root
+    return save_tiny_student(tmp_path_factory.mktemp("student"), STEPS)
 
 
 def metrics_file(folder, fid):
@@ -174,6 +163,7 @@ def test_errors_are_one_line_and_leave_the_registry_unchanged(student, server_en
         registry.promote(name, max_fid=10.0)
 
 
+@pytest.mark.slow      # MLflow and moto servers, and the serving of the registered model
 def test_register_promote_and_serve_with_s3_artifacts(student, mlflow_servers, monkeypatch):  # noqa: F811
     url = mlflow_servers.s3
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
@@ -188,7 +178,7 @@ def test_register_promote_and_serve_with_s3_artifacts(student, mlflow_servers, m
 
     # A fresh process that knows only the tracking server loads and runs the champion.
     code = ("import mlflow, pandas as pd; m = mlflow.pyfunc.load_model('models:/sfddm-student@champion'); "
-            "x = m.predict(pd.DataFrame({'num_images': [3], 'seed': [7], 'steps': [2]})); "
+            "x = m.predict(pd.DataFrame({'num_images': [3], 'seed': [7], 'num_inference_steps': [2]})); "
             "print(x.shape, x.dtype)")
     env = {**os.environ, "MLFLOW_TRACKING_URI": url, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=student, capture_output=True,

@@ -1,13 +1,11 @@
-"""Preemption and resume: `sfddm train-teacher` SIGKILLed at random points and rerun ends with the same
-steps and bit-identical weights as an uninterrupted run; other settings are refused; a NaN loss keeps
+"""Preemption and resume: `sfddm train-teacher` SIGKILLed at chosen steps (tests/kill_at_step.py) and
+rerun ends with the same steps and bit-identical weights as an uninterrupted run; other settings are refused; a NaN loss keeps
 the last good checkpoint; gradient clipping bounds the gradient norm."""
 import csv
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,11 +14,13 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import TINY_PARAMS, merged
-from sfddm_core import cli, config, data, training
+from sfddm_cli import cli
+from sfddm_core import config, data, training
 from sfddm_core.errors import ConfigError, SfddmError
 
 ROOT = Path(__file__).resolve().parents[1]
-ITERATIONS, EVERY, KILLS = 60, 4, 3
+ITERATIONS, EVERY = 60, 4
+KILL_AT = (8, 22, 45)   # steps whose runs are killed: on a checkpoint (8) and between two (22: resumes at 20)
 
 
 # ---------------------------------------------------------------- the real CLI, killed and rerun
@@ -68,31 +68,23 @@ def run_here(argv) -> int:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow      # five real teacher trainings, three of them in subprocesses: ~30 s
 def test_sigkilled_training_resumes_to_the_same_weights(project, capsys):
     assert run_here(teacher_args(project, "reference")) == 0       # uninterrupted
     assert not (project / "checkpoints-reference").exists()
 
     env = {**os.environ, "SFDDM_TRACKING": "off", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "sfddm_core.cli", *teacher_args(project, "resumed")]
     state = project / "checkpoints-resumed" / training.CHECKPOINT_FILE
     stderr = project / "resumed.stderr"
-    seed = random.randrange(1 << 30)
-    chooser, delays = random.Random(seed), []
-    for kill in range(KILLS):
-        before = mtime(state)
+    for step in KILL_AT:                # each run SIGKILLs itself once it has logged this step
         with open(stderr, "ab") as err:
-            proc = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        deadline = time.monotonic() + 120
-        while mtime(state) == before and proc.poll() is None:      # stepping: a new checkpoint was saved
-            assert time.monotonic() < deadline, "no checkpoint written in 120 s"
-            time.sleep(0.01)
-        assert proc.poll() is None, f"run {kill + 1} ended before it could be killed (seed {seed})"
-        delays.append(round(chooser.uniform(0, 0.3), 3))         # anywhere up to the next saves
-        time.sleep(delays[-1])
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL
-        assert state.exists() and not (project / "resumed").exists()
+            killed = subprocess.run([sys.executable, str(ROOT / "tests" / "kill_at_step.py"), str(step),
+                                     *teacher_args(project, "resumed")],
+                                    cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=err, timeout=600)
+        assert killed.returncode == -signal.SIGKILL, f"the run to be killed at step {step} ended {killed.returncode}"
+        assert torch.load(state, weights_only=True)["step"] == step // EVERY * EVERY   # the last checkpoint
+        assert not (project / "resumed").exists()
 
     kept = mtime(state)                 # other settings: refused in one line, the checkpoint untouched
     capsys.readouterr()
@@ -106,15 +98,14 @@ def test_sigkilled_training_resumes_to_the_same_weights(project, capsys):
     log = stderr.read_text(errors="replace") + capsys.readouterr().err
     resumed_at = [int(line.split(" at step ")[1].split()[0]) for line in log.splitlines()
                   if "resuming from" in line]
-    assert len(resumed_at) == KILLS and resumed_at == sorted(resumed_at), (resumed_at, seed, delays)
-    assert all(step % EVERY == 0 and 0 < step < ITERATIONS for step in resumed_at)
+    assert resumed_at == [step // EVERY * EVERY for step in KILL_AT]      # 8, 20, 44
 
     reference, resumed = loss_rows(project / "reference.csv"), loss_rows(project / "resumed.csv")
     assert len(resumed) == ITERATIONS and [int(s) for s, _ in resumed] == list(range(ITERATIONS))
-    assert resumed == reference, f"losses differ (kill seed {seed}, delays {delays})"
+    assert resumed == reference, "losses differ"
     want, got = weights(project / "reference"), weights(project / "resumed")
     assert want.keys() == got.keys()
-    assert all(torch.equal(want[name], got[name]) for name in want), f"kill seed {seed}, delays {delays}"
+    assert all(torch.equal(want[name], got[name]) for name in want)
     assert not (project / "checkpoints-resumed").exists()     # removed once the teacher was written
 
 
@@ -252,16 +243,17 @@ def distill_args(folder: Path, name: str, *extra) -> list[str]:
             *extra]
 
 
+@pytest.mark.slow      # real stages: a teacher and three distillations
 def test_interrupted_progressive_distillation_resumes_to_the_same_student(project, monkeypatch):
     """T = 100, phi = [49, 99]: 5 folds of 6 updates. A crash in fold 3 (after its checkpoint at
     update 4), then a rerun: folds 1-2 are repeated exactly, fold 3 resumes, and the student equals
     an uninterrupted run's bit for bit, with the same loss log and teacher-forward count."""
-    from sfddm_core import distill
+    from sfddm_core.methods import progressive
     if not (project / "reference").is_dir():
         assert run_here(teacher_args(project, "reference")) == 0
     assert run_here(distill_args(project, "student-reference")) == 0
 
-    calls, real_loss = [], distill.progressive_loss
+    calls, real_loss = [], progressive.progressive_loss
 
     def crashing_loss(*args):
         calls.append(1)
@@ -269,12 +261,12 @@ def test_interrupted_progressive_distillation_resumes_to_the_same_student(projec
             raise KeyboardInterrupt("preempted")
         return real_loss(*args)
 
-    monkeypatch.setattr(distill, "progressive_loss", crashing_loss)
+    monkeypatch.setattr(progressive, "progressive_loss", crashing_loss)
     with pytest.raises(KeyboardInterrupt):
         run_here(distill_args(project, "student"))
     assert (project / "checkpoints-student" / "state-fold2.pt").is_file()
     assert not (project / "student").exists()
-    monkeypatch.setattr(distill, "progressive_loss", real_loss)
+    monkeypatch.setattr(progressive, "progressive_loss", real_loss)
     assert run_here(distill_args(project, "student")) == 0
 
     assert not (project / "checkpoints-student").exists()

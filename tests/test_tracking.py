@@ -105,13 +105,24 @@ def test_a_run_started_by_kfp_is_continued_not_duplicated(tracking_db, tmp_path,
     assert len(tracking_db.get_metric_history(created, "loss")) == 3
 
 
-def test_unreachable_server_is_a_one_line_error_within_seconds(tracking_db, monkeypatch):
+def test_unreachable_server_is_a_one_line_error_after_one_bounded_attempt(tracking_db, monkeypatch):
+    """Nothing listens at the URI: one connection attempt with a timeout, no retry and no back-off
+    sleep (MLflow's own client would retry for minutes), then one line."""
+    import urllib3.util.connection
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
-    began = time.monotonic()
+    attempts, connect = [], urllib3.util.connection.create_connection
+
+    def counted(address, timeout=None, *args, **kwargs):
+        attempts.append((address, timeout))
+        return connect(address, timeout, *args, **kwargs)
+
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", counted)
+    monkeypatch.setattr(time, "sleep", lambda seconds: pytest.fail(f"slept {seconds} s: a retry's back-off"))
     with pytest.raises(SfddmError, match="unreachable") as error:
         with tracking.stage_run("distill"):
             pass
-    assert time.monotonic() - began < 10
+    assert len(attempts) == 1, attempts
+    assert isinstance(attempts[0][1], (int, float)) and 0 < attempts[0][1] <= 10    # a bounded wait
     assert "\n" not in str(error.value)
 
 

@@ -7,8 +7,8 @@
 - The launcher against a mocked Kubernetes API (CustomObjectsApi, CoreV1Api): create, poll, adopt after a
   retry, failure, timeout, a replaced job, API errors.
 - The training components: in their pod with checkpoints under the shared root, or through a TrainJob.
-- (slow) A kfp.local run whose training step is killed once it has saved a checkpoint on the shared
-  root; the retry resumes from it and ends with the uninterrupted run's loss log.
+- (slow) A kfp.local run whose training step is killed at a chosen step, after its checkpoint on the
+  shared root; the retry resumes from it and ends with the uninterrupted run's loss log.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,21 +28,21 @@ import jsonschema
 import pytest
 import torch
 import yaml
+import kill_at_step
 from conftest import TINY_PARAMS
 from kubernetes.client.exceptions import ApiException
 
 import components
 from pipelines import gpu_profile, launcher, trainjob
 from pipelines.sfddm_pipeline import GPU_STEP, REPO_ROOT
-from sfddm_core import cli, config
+from sfddm_cli import cli
+from sfddm_core import config
 from sfddm_core import teacher as teacher_lib
 from sfddm_core.errors import SfddmError
 
 SCHEMAS = Path(__file__).parent / "data" / "kubeflow-trainer-v2.3.0"
 KUBECTL = shutil.which("kubectl")
 IMAGE = "ghcr.io/sfddm/sfddm:git-0123456789ab"
-NO_OVERRIDES = {"data_source": "", "teacher_timesteps": 0, "student_steps": 0, "spacing": "",
-                "teacher_iterations": 0, "distill_iterations": 0, "fid_num_samples": 0}
 METADATA_FIELDS = {"name", "namespace", "labels", "annotations"}
 
 
@@ -605,7 +604,7 @@ def test_trainjob_env_passes_the_run_and_mlflow_run_on():
 
 @pytest.fixture
 def tiny_config():
-    return components.resolve_config.python_func(params=json.dumps(TINY_PARAMS), **NO_OVERRIDES)
+    return components.resolve_config.python_func(params=json.dumps(TINY_PARAMS), settings="")
 
 
 def test_distill_component_on_two_nodes_submits_a_valid_trainjob(tmp_path, tiny_config, monkeypatch):
@@ -651,7 +650,7 @@ def test_training_in_the_pod_checkpoints_under_the_shared_root(stage, tmp_path, 
 
     calls = []
 
-    def fake_run(*args):
+    def fake_run(*args, **options):          # (..., out_dir, loss_csv, checkpoint_dir, [classifier, fid_csv])
         calls.append(args)
         out_dir, loss_csv = args[-3], args[-2]
         out_dir.mkdir(parents=True)
@@ -690,8 +689,7 @@ params, shared, root = sys.argv[1:4]
 
 @dsl.pipeline(name="teacher-resume")
 def teacher_resume():
-    cfg = components.resolve_config(params=params, data_source="", teacher_timesteps=0, student_steps=0,
-                                    spacing="", teacher_iterations=0, distill_iterations=0, fid_num_samples=0)
+    cfg = components.resolve_config(params=params, settings="")
     dataset = components.prepare_data(config=cfg.output).outputs["dataset"]
     components.train_teacher(config=cfg.output, dataset=dataset, shared_root=shared)
 
@@ -709,36 +707,37 @@ def read_losses(path: Path) -> list[tuple[int, float]]:
 @pytest.mark.slow
 def test_kfp_local_training_step_killed_then_retried_resumes_from_its_checkpoint(tmp_path):
     """The teacher step of a kfp.local run saves its state under the shared root (the training volume's
-    stand-in) and is SIGKILLed with the run after its first checkpoint; the rerun with the same inputs
-    (what KFP's retry of the step does) resumes from that checkpoint, not from update 0, and ends with
-    the loss log of an uninterrupted run."""
-    iterations = 200
-    params = {**TINY_PARAMS, "teacher": {**TINY_PARAMS["teacher"], "iterations": iterations, "checkpoint_every": 10}}
-    script, shared = tmp_path / "resume.py", tmp_path / "shared"
+    stand-in) and is SIGKILLed with the run right after its first checkpoint (at step 10, by
+    tests/kill_at_step.py's hook, which a sitecustomize installs in the task's process); the rerun with
+    the same inputs (what KFP's retry of the step does) resumes from that checkpoint, not from update 0,
+    and ends with the loss log of an uninterrupted run."""
+    iterations, every = 200, 10
+    params = {**TINY_PARAMS, "teacher": {**TINY_PARAMS["teacher"], "iterations": iterations, "checkpoint_every": every}}
+    script, shared, hook = tmp_path / "resume.py", tmp_path / "shared", tmp_path / "hook"
     script.write_text(RESUME_PIPELINE)
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text("import kill_at_step\nkill_at_step.install_from_environment()\n")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    killing = {**env, "PYTHONPATH": os.pathsep.join([str(hook), str(Path(__file__).parent), str(REPO_ROOT)]),
+               kill_at_step.KILL_STEP_VARIABLE: str(every), kill_at_step.KILL_GROUP_VARIABLE: "1"}
 
-    def start(root: str) -> subprocess.Popen:
+    def start(root: str, env: dict) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, str(script), json.dumps(params), str(shared), str(tmp_path / root)],
                                 cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
 
-    first = start("first")
-    deadline = time.monotonic() + 300
-    while not list(shared.glob("checkpoints/teacher/*/state.pt")):
-        assert first.poll() is None, f"the run ended before its first checkpoint:\n{first.stdout.read()[-3000:]}"
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.02)
-    os.killpg(first.pid, signal.SIGKILL)          # the node is lost: the step and the run with it
-    first.communicate()
+    first = start("first", killing)         # the node is lost at step 10: the step and the run with it
+    output, _ = first.communicate(timeout=600)
+    assert first.returncode == -signal.SIGKILL, output[-3000:]
     [state] = shared.glob("checkpoints/teacher/*/state.pt")
+    assert torch.load(state, weights_only=True)["step"] == every
     assert not list((tmp_path / "first").glob("*/train-teacher/teacher_model/unet"))
 
-    retry = start("retry")
+    retry = start("retry", env)
     output, _ = retry.communicate(timeout=600)
     assert retry.returncode == 0, output[-3000:]
     resumed = re.search(rf"teacher: resuming from {re.escape(str(state))} at step (\d+) of {iterations}", output)
-    assert resumed and 0 < int(resumed[1]) < iterations, output[-3000:]
+    assert resumed and int(resumed[1]) == every, output[-3000:]
     assert not state.exists()                       # removed once the outputs are in place
     [run_dir] = (tmp_path / "retry").iterdir()
     losses = read_losses(run_dir / "train-teacher" / "loss_log")
@@ -747,7 +746,7 @@ def test_kfp_local_training_step_killed_then_retried_resumes_from_its_checkpoint
     # The same step uninterrupted, in this process: the same updates.
     from kfp import dsl
     [dataset] = (tmp_path / "retry").glob("*/prepare-data/dataset")
-    config_json = components.resolve_config.python_func(params=json.dumps(params), **NO_OVERRIDES)
+    config_json = components.resolve_config.python_func(params=json.dumps(params), settings="")
     whole = dsl.Dataset(uri=str(tmp_path / "whole.csv"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                        # as the runs above (OMP_NUM_THREADS=1)

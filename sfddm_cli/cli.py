@@ -1,22 +1,20 @@
-"""The `sfddm` command line: one subcommand per stage, each a thin call into the library.
+"""The `sfddm` command line: one subcommand per stage, each a call of its function in sfddm_core.stages.
 
 Settings come from params.yaml (--params) with dotted overrides (--set student.steps=10), validated
-once by sfddm_core.config. Bad input prints one line and exits with status 2.
+once by sfddm_core.config; --dry-run prints them resolved and exits. Bad input prints one line and exits
+with status 2.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
 import yaml
 
-from . import config as config_lib
-from . import distributed
-from .errors import SfddmError
-
-DATA_PARALLEL = ("train-teacher", "distill")      # the stages that run on N processes under torchrun
+from sfddm_core import config as config_lib
+from sfddm_core import distributed, stages
+from sfddm_core.errors import SfddmError
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -48,11 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--params", type=Path, default=Path("params.yaml"), help="settings file")
     settings.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
                           metavar="KEY=VALUE", help="override a setting, e.g. --set student.steps=10")
+    settings.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
     parser = _OneLineErrorParser(prog="sfddm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name, help_text, **paths):
         sub = commands.add_parser(name, help=help_text, parents=[settings])
+        sub.set_defaults(func=run_stage)
         for flag, default in paths.items():
             sub.add_argument(f"--{flag.replace('_', '-')}", type=Path, default=Path(default))
         return sub
@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
             student="models/student", metrics="metrics/evaluate.json", data="data/prepared",
             output="metrics/register.json")
     promote = command("promote", "move alias champion to a version whose stored FID passes the gates")
+    promote.set_defaults(func=promote_command)
     promote.add_argument("--version", type=_positive_int, default=None, help="default: the challenger")
     promote.add_argument("--force", action="store_true", help="skip the FID gates; needs --reason")
     promote.add_argument("--reason", default=None, help="recorded on the version as sfddm.forced_reason")
@@ -87,13 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write the decision JSON here and exit 0 on a refusal (dvc repro)")
     sample = command("sample", "sample any model folder to a PNG grid and an .npz", model="models/student",
                      out="reports/samples")
+    sample.set_defaults(func=sample_command)
     sample.add_argument("--num-images", type=_positive_int, default=64)
-    sample.add_argument("--steps", type=_positive_int, default=None,
-                        help="default: all of the model's own steps; fewer: trailing subset")
+    sample.add_argument("--num-inference-steps", type=_positive_int, default=None,
+                        help="steps the sampler takes (default: all of the model's own; fewer: a trailing subset)")
     sample.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     sample.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
 
     bench = commands.add_parser("bench", help="benchmarks against the baselines, into reports/benchmark.md")
+    bench.set_defaults(func=bench_command)
     benches = bench.add_subparsers(dest="action", required=True)
     for name, help_text, paths in (
             ("quality", "the sweep of students and baselines on one teacher: FID, consistency, training compute",
@@ -120,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="time the teacher over this many of its T steps, scaled to T (default: all)")
 
     pipeline = commands.add_parser("pipeline", help="the Kubeflow pipeline: compile it, run it here, submit it")
+    pipeline.set_defaults(func=pipeline_command)
     actions = pipeline.add_subparsers(dest="action", required=True)
     image = _OneLineErrorParser(add_help=False)     # components/image.py checks and derives the reference
     image.add_argument("--image", default=None, metavar="REF",
@@ -131,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--out", type=Path, default=Path("pipelines/sfddm_pipeline.yaml"))
     arguments = _OneLineErrorParser(add_help=False)
     arguments.add_argument("--arg", dest="arguments", type=_override, action="append", default=[],
-                           metavar="NAME=VALUE", help="a pipeline parameter, e.g. --arg student_steps=8")
+                           metavar="NAME=VALUE", help="a pipeline parameter, e.g. --arg settings='{student.steps: 8}'")
     run_local = actions.add_parser("run-local", parents=[settings, arguments],
                                    help="run the whole pipeline on this machine through kfp.local")
     run_local.add_argument("--root", type=Path, default=Path("kfp-local"), help="where task outputs go")
@@ -156,101 +160,94 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.command == "pipeline":        # the only command that reaches the pipeline code (and kfp)
-        import pipelines
-        if args.action == "compile":
-            print(pipelines.compile_pipeline(args.out, args.params, args.image, args.registry))
-        elif args.action == "run-local":
-            version = pipelines.run_local(args.params, dict(args.overrides), args.root, dict(args.arguments))
-            print(f"registered model version {version}")
-        elif args.action == "trainjob":
-            from pipelines import launcher
-            print(launcher.review_yaml(args.stage, args.nodes, args.gpus_per_node, args.params, dict(args.overrides),
-                                       args.image, args.registry, args.data, args.teacher, run_id=args.run_id,
-                                       namespace=args.namespace, claim=args.training_pvc,
-                                       budget_hours=args.budget_hours), end="")
-        else:
-            print(pipelines.submit(args.host, args.params, dict(args.arguments), args.experiment,
-                                   overrides=dict(args.overrides), image=args.image, registry=args.registry))
-        return 0
-    cfg = config_lib.load(args.params, dict(args.overrides))
-    from . import tracking
-    if args.command == "promote":
-        from . import registry
-        r = cfg.registry
-        decision = (registry.promote_gate(r.model_name, r.max_fid, args.gate_output, args.version, args.force,
-                                          args.reason) if args.gate_output else
-                    registry.promote(r.model_name, r.max_fid, args.version, args.force, args.reason))
-        print(yaml.safe_dump(decision.to_dict(), sort_keys=False), end="")
-        return 0 if decision.promoted or args.gate_output else 1      # a refusal: 1; bad input: 2
-    if args.command == "bench":                                      # not a stage: nothing to track
-        from . import bench, bench_report
-        if args.action == "quality":
-            bench.quality(cfg, args.teacher, args.data, args.classifier, args.teacher_samples, args.out,
-                          args.profile, args.variants)
-        elif args.action == "speed":
-            bench.speed(cfg, args.teacher, args.student, args.data, args.out, args.batch_size, args.loop_steps,
-                        args.repeats, args.teacher_steps)
-        else:
-            bench.preemption(cfg, args.teacher, args.data, args.out)
-        report = bench_report.write(args.out)
-        if args.readme:
-            bench_report.update_readme(args.readme, report)
-        print(report)
-        return 0
-    if args.command == "sample":                                     # not a stage: nothing to track
-        from . import evaluate
-        evaluate.sample_to_files(cfg, args.model, args.out, args.num_images, args.steps, args.sampler,
-                                 args.seed)
-        return 0
-    if args.command in DATA_PARALLEL:                 # under torchrun: join the process group first
+def run_stage(args: argparse.Namespace, cfg) -> int:
+    """A stage: its function in sfddm_core.stages, inside the process group when torchrun started several."""
+    stage = args.command.replace("-", "_")
+    if stage in stages.DATA_PARALLEL:                # under torchrun: join the process group first
         distributed.setup(cfg.device)
     elif distributed.launched_size() > 1:
-        raise SfddmError(f"{args.command} runs as one process; only {' and '.join(DATA_PARALLEL)} run under "
-                         f"torchrun (WORLD_SIZE is {distributed.launched_size()})")
+        raise SfddmError(f"{args.command} runs as one process; only {' and '.join(stages.DATA_PARALLEL)} run "
+                         f"under torchrun (WORLD_SIZE is {distributed.launched_size()})")
     try:
-        with tracking.stage_run(args.command.replace("-", "_"), cfg) if distributed.world().main else \
-                contextlib.nullcontext():                              # rank 0 alone tracks the stage
-            run_stage(args, cfg)
+        result = STAGE_CALLS[stage](args, cfg)
     finally:
         distributed.teardown()
+    if stage in PRINTED:
+        print(yaml.safe_dump(result, sort_keys=False), end="")
     return 0
 
 
-def run_stage(args: argparse.Namespace, cfg) -> None:
-    """One stage's library call (inside its MLflow run on rank 0)."""
-    from . import tracking
-    if args.command == "prepare":
-        from . import data
-        data.prepare(cfg.data, cfg.seed, args.out)
-    elif args.command == "train-classifier":
-        from . import fid
-        fid.train_and_save_classifier(cfg, args.data, args.out)
-    elif args.command == "train-teacher":
-        from . import teacher
-        teacher.run(cfg, args.data, args.out, args.loss_csv, args.checkpoint_dir)
-        tracking.log_loss_csv(args.loss_csv)
-    elif args.command == "sample-teacher":
-        from . import evaluate
-        evaluate.sample_teacher(cfg, args.teacher, args.out)
-    elif args.command == "distill":
-        from . import distill
-        distill.run(cfg, args.teacher, args.data, args.out, args.loss_csv, args.checkpoint_dir, args.classifier,
-                    args.fid_csv if args.classifier else None)
-        tracking.log_loss_csv(args.loss_csv)
-    elif args.command == "evaluate":
-        from . import evaluate
-        metrics = evaluate.evaluate(cfg, args.teacher, args.student, args.teacher_samples, args.data,
-                                    args.classifier, args.metrics, args.reports)
-        tracking.log_metrics_file(args.metrics)
-        tracking.log_artifacts(args.reports)
-        print(yaml.safe_dump(metrics, sort_keys=False), end="")
-    elif args.command == "register":
-        from . import io, registry
-        registration = registry.register(args.student, args.metrics, args.data, cfg.registry.model_name)
-        io.write_json(args.output, registration.to_dict())
-        print(yaml.safe_dump(registration.to_dict(), sort_keys=False), end="")
+PRINTED = ("evaluate", "register")          # stages whose result goes to stdout (metrics, registration)
+
+
+STAGE_CALLS = {
+    "prepare": lambda a, cfg: stages.prepare(cfg, a.out),
+    "train_classifier": lambda a, cfg: stages.train_classifier(cfg, a.data, a.out),
+    "train_teacher": lambda a, cfg: stages.train_teacher(cfg, a.data, a.out, a.loss_csv, a.checkpoint_dir),
+    "sample_teacher": lambda a, cfg: stages.sample_teacher(cfg, a.teacher, a.out),
+    "distill": lambda a, cfg: stages.distill(cfg, a.teacher, a.data, a.out, a.loss_csv, a.checkpoint_dir,
+                                             a.classifier, a.fid_csv),
+    "evaluate": lambda a, cfg: stages.evaluate(cfg, a.teacher, a.student, a.teacher_samples, a.data,
+                                               a.classifier, a.metrics, a.reports),
+    "register": lambda a, cfg: stages.register(cfg, a.student, a.metrics, a.data, a.output).to_dict(),
+}
+
+
+def promote_command(args: argparse.Namespace, cfg) -> int:
+    decision = stages.promote(cfg, args.version, args.force, args.reason, args.gate_output)
+    print(yaml.safe_dump(decision.to_dict(), sort_keys=False), end="")
+    return 0 if decision.promoted or args.gate_output else 1      # a refusal: 1; bad input: 2
+
+
+def sample_command(args: argparse.Namespace, cfg) -> int:
+    from sfddm_core import evaluate
+    evaluate.sample_to_files(cfg, args.model, args.out, args.num_images, args.num_inference_steps, args.sampler,
+                             args.seed)
+    return 0
+
+
+def bench_command(args: argparse.Namespace, cfg) -> int:
+    from sfddm_core import bench, bench_report
+    if args.action == "quality":
+        bench.quality(cfg, args.teacher, args.data, args.classifier, args.teacher_samples, args.out, args.profile,
+                      args.variants)
+    elif args.action == "speed":
+        bench.speed(cfg, args.teacher, args.student, args.data, args.out, args.batch_size, args.loop_steps,
+                    args.repeats, args.teacher_steps)
+    else:
+        bench.preemption(cfg, args.teacher, args.data, args.out)
+    report = bench_report.write(args.out)
+    if args.readme:
+        bench_report.update_readme(args.readme, report)
+    print(report)
+    return 0
+
+
+def pipeline_command(args: argparse.Namespace, cfg) -> int:
+    import pipelines                # the only command that reaches the pipeline code (and kfp)
+    if args.action == "compile":
+        print(pipelines.compile_pipeline(args.out, args.params, args.image, args.registry))
+    elif args.action == "run-local":
+        version = pipelines.run_local(args.params, dict(args.overrides), args.root, dict(args.arguments))
+        print(f"registered model version {version}")
+    elif args.action == "trainjob":
+        from pipelines import launcher
+        print(launcher.review_yaml(args.stage, args.nodes, args.gpus_per_node, args.params, dict(args.overrides),
+                                   args.image, args.registry, args.data, args.teacher, run_id=args.run_id,
+                                   namespace=args.namespace, claim=args.training_pvc,
+                                   budget_hours=args.budget_hours), end="")
+    else:
+        print(pipelines.submit(args.host, args.params, dict(args.arguments), args.experiment,
+                               overrides=dict(args.overrides), image=args.image, registry=args.registry))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_lib.load(args.params, dict(args.overrides)) if hasattr(args, "params") else None
+    if getattr(args, "dry_run", False):     # the settings this command would run with, resolved; nothing else
+        print(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False), end="")
+        return 0
+    return args.func(args, cfg)
 
 
 def main(argv=None) -> int:
@@ -260,7 +257,3 @@ def main(argv=None) -> int:
     except SfddmError as err:
         print(f"sfddm {args.command}: error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,134 @@
+"""What every distillation method is and gets: the Method record, the Distillation a method trains in,
+and the pieces both shipped methods share (the teacher's DDIM along a path, the count of teacher work)."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .. import diffusion, distributed, training
+from ..config import Config
+from ..training import Checkpoint
+
+Batch = tuple[torch.Tensor, torch.Tensor]       # (x0, eps): training images and their noise
+
+
+@dataclass(frozen=True)
+class Method:
+    """A distillation method, registered by name in sfddm_core.methods.METHODS.
+
+    train(distillation) -> (EMA student UNet, log): the student learns to take distillation.schedule's
+    T' steps, called with step indices 0..T'-1; each log entry carries the cumulative "teacher_forwards".
+    describe(settings) -> its objective in a line of the benchmark report (settings: config.to_dict).
+    check(cfg): cross-field checks of the settings the method needs (raise ConfigError).
+    sampler: how its students sample (samplers.SAMPLER_FUNCTIONS; the student folder is a diffusers
+    DDIM pipeline over the T' steps). target_timesteps(settings): the teacher timesteps its targets visit,
+    if they follow the teacher's ODE; the benchmark samples the teacher along them, the sampler a
+    perfect student would copy.
+    """
+    name: str
+    train: Callable[["Distillation"], tuple[torch.nn.Module, list[dict]]]
+    describe: Callable[[dict], str]
+    check: Callable[[Config], None] = lambda cfg: None
+    sampler: str = "ddim"
+    target_timesteps: Callable[[dict], Optional[np.ndarray]] = lambda settings: None
+
+
+class ForwardCount:
+    """Images passed through a network's forward calls while watched, over all ranks (each rank's equal
+    shard times their number): the teacher side of training compute. The hook is removed on leaving
+    `watching`, so copies made afterwards do not carry it."""
+    def __init__(self):
+        self.images = 0
+
+    @contextlib.contextmanager
+    def watching(self, network):
+        handle = network.register_forward_pre_hook(self._count)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _count(self, module, args):
+        self.images += args[0].shape[0] * distributed.world().size
+
+    def state_dict(self) -> dict:               # saved with a training checkpoint
+        return {"images": self.images}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.images = state["images"]
+
+
+@dataclass
+class Distillation:
+    """One distillation's inputs, as a method's train receives them.
+
+    draw_batch(rng, size): a global batch (x0, eps) of training images on the device, drawn with rng
+    (the same on every rank; each rank keeps its distributed.shard). monitor(student UNet, updates), if
+    given, joins the log every monitor_every updates (training.fit's monitor hook). checkpoint: where
+    fit keeps its resumable state. on_log(entry): each log entry as it is made. forwards counts the
+    images through teacher networks (methods watch their teachers with it).
+    """
+    cfg: Config
+    teacher_unet: torch.nn.Module
+    schedule: diffusion.StudentSchedule
+    draw_batch: Callable[[np.random.Generator, int], Batch]
+    monitor: Optional[Callable[[torch.nn.Module, int], dict]] = None
+    monitor_every: int = 0
+    checkpoint: Optional[Checkpoint] = None
+    on_log: Optional[Callable[[dict], None]] = None
+    forwards: ForwardCount = dataclasses.field(default_factory=ForwardCount)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.teacher_unet.parameters()).device
+
+    def fit(self, student_unet, loss_fn, *, seed: int, desc: str, checkpoint: Optional[Checkpoint],
+            on_log: Optional[Callable[[dict], None]], monitored: bool = True,
+            extra: tuple = ()) -> tuple[torch.nn.Module, list[dict]]:
+        """training.fit with the distill settings (iterations, learning-rate schedule, EMA, clipping), the
+        checkpoint also carrying the forward count and `extra` state, and the monitor if monitored."""
+        dc = self.cfg.distill
+        return training.fit(student_unet, loss_fn, dc.iterations, learning_rate(self.cfg), dc.ema_decay, seed,
+                            desc=desc, monitor_every=self.monitor_every if monitored else 0,
+                            monitor=self.monitor if monitored else None, grad_clip=dc.grad_clip,
+                            checkpoint=checkpoint and dataclasses.replace(checkpoint, extra=(self.forwards, *extra)),
+                            on_log=on_log, precision=self.cfg.precision, channels_last=self.cfg.channels_last)
+
+
+def learning_rate(cfg: Config) -> Callable[[int], float]:
+    """The learning rate of each update of a distillation (of each fold, for progressive)."""
+    dc = cfg.distill
+    return training.learning_rate(dc.lr, dc.iterations, dc.warmup, dc.lr_decay)
+
+
+@torch.no_grad()
+def ddim_path(teacher_unet, x: torch.Tensor, paths: np.ndarray, abar: np.ndarray, first_eps: torch.Tensor,
+              clip: bool) -> torch.Tensor:
+    """Where the teacher's DDIM steps along paths[b] = (t, ..., s) take x: x_target at s.
+
+    With clip, the teacher clips x0-hat at every sub-step but the last: that one's clipping is the
+    student's own sampler's to apply. A sub-step from a timestep to itself is a no-op. first_eps is the
+    teacher's eps at (x, t), which the caller has already computed.
+    """
+    substeps = paths.shape[1] - 1
+    x_target = x
+    for k in range(substeps):
+        u, v = paths[:, k], paths[:, k + 1]
+        moving = torch.as_tensor(u != v, device=x.device).view(-1, 1, 1, 1)
+        eps = first_eps if k == 0 else teacher_unet(x_target, torch.as_tensor(u, device=x.device)).sample.to(x.dtype)
+        stepped = diffusion.ddim_step(x_target, eps, diffusion.abar_at(abar, u), diffusion.abar_at(abar, v),
+                                      clip=clip and k < substeps - 1)
+        x_target = torch.where(moving, stepped, x_target)
+    return x_target
+
+
+def ddim_path_eps_target(teacher_unet, x: torch.Tensor, paths: np.ndarray, abar: np.ndarray,
+                         first_eps: torch.Tensor, clip: bool) -> torch.Tensor:
+    """eps* for one student step t -> s, from the teacher's DDIM steps along paths[b] = (t, ..., s)."""
+    x_target = ddim_path(teacher_unet, x, paths, abar, first_eps, clip)
+    return diffusion.eps_landing_on(x, x_target, abar[paths[:, 0]], diffusion.abar_at(abar, paths[:, -1]))

@@ -1,0 +1,39 @@
+"""The library stands alone: sfddm_core imports neither kfp, dvc or Kubernetes nor the code that drives it
+(the CLI, the pipeline, the components), directly or through another module, lazily or not."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARY = ROOT / "sfddm_core"
+DRIVERS = {"kfp", "kfp_server_api", "kubernetes", "dvc", "sfddm_cli", "pipelines", "components"}
+
+
+def imported_packages(path: Path) -> set[str]:
+    """The top-level names of every absolute import in a file, those inside functions included."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_no_library_module_imports_a_driver():
+    offenders = {str(path.relative_to(ROOT)): sorted(imported_packages(path) & DRIVERS)
+                 for path in LIBRARY.rglob("*.py")}
+    assert {name: found for name, found in offenders.items() if found} == {}
+
+
+def test_importing_every_library_module_loads_no_driver():
+    """At run time too: no dependency of the library pulls a driver in (serving.py, which MLflow runs as a
+    script, is left out: it registers its model on import)."""
+    modules = sorted(".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                     for path in LIBRARY.rglob("*.py") if path.name != "serving.py")
+    code = (f"import importlib, sys\nfor name in {modules!r}: importlib.import_module(name)\n"
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(DRIVERS)!r})))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,75 @@
+"""One source of default settings: the dataclasses of sfddm_core/config.py. params.yaml and the README's
+params reference spell them out, key by key; these tests fail when either drifts. Bad input is
+catalogued in test_bad_inputs.py."""
+import dataclasses
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from sfddm_core import config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def flat(values: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of a nested settings mapping, lists for tuples (as YAML reads them)."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+DEFAULTS = flat(dataclasses.asdict(config.Config()))
+
+
+def test_params_yaml_spells_out_every_default_exactly():
+    """Every key, with the dataclass default's value: a key missing from params.yaml fails here (loading
+    it would fill in the default and hide the gap)."""
+    assert flat(yaml.safe_load((ROOT / "params.yaml").read_text())) == DEFAULTS
+    assert config.load(ROOT / "params.yaml") == config.Config()
+
+
+def readme_defaults() -> dict:
+    """The README's params reference as {dotted key: default as written (parsed as YAML)}. A row may name
+    several keys of one section (`teacher.lr`, `batch_size`, ...), their defaults comma-separated."""
+    section = (ROOT / "README.md").read_text().split("## Params reference", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        keys = re.findall(r"`([a-z_.0-9]+)`", cells[0]) if line.startswith("| `") else []
+        if not keys:
+            continue
+        prefix = keys[0].rpartition(".")[0]
+        keys = [keys[0]] + [key if "." in key else f"{prefix}.{key}" for key in keys[1:]]
+        values = [cells[1]] if len(keys) == 1 else cells[1].split(", ")
+        assert len(values) == len(keys), line
+        for key, value in zip(keys, values):
+            assert key not in rows, f"{key} is documented twice"
+            rows[key] = yaml.safe_load(value)
+    return rows
+
+
+def test_readme_params_reference_lists_every_key_with_its_default():
+    documented = readme_defaults()
+    assert set(documented) == set(DEFAULTS)
+    for key, value in documented.items():
+        default = DEFAULTS[key]
+        if isinstance(default, float):
+            value = float(value)            # YAML reads 1e-3 as text
+        assert value == default, f"README: {key} = {value!r}, the default is {default!r}"
+
+
+def test_dry_run_prints_the_resolved_settings_and_runs_nothing(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sfddm_cli", "distill", "--params", str(ROOT / "params.yaml"),
+                             "--set", "student.steps=10", "--out", str(tmp_path / "student"), "--dry-run"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["student"]["steps"] == 10 and flat(resolved)["distill.lr"] == DEFAULTS["distill.lr"]
+    assert list(tmp_path.iterdir()) == []
