@@ -33,7 +33,8 @@ def project(tmp_path_factory):
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, project / name)
     shutil.copytree(ROOT / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
-    shutil.copytree(ROOT / "sfddm_core", project / "sfddm_core", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("sfddm_core", "sfddm_cli"):         # the stages' code deps (the installed copy runs)
+        shutil.copytree(ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
     full = yaml.safe_load((ROOT / "params.yaml").read_text())      # DVC needs every key it tracks
     (project / "params.yaml").write_text(yaml.safe_dump(merged(full, TINY_PARAMS)))
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)

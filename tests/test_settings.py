@@ -1,7 +1,6 @@
 """One source of default settings: the dataclasses of sfddm_core/config.py. params.yaml and the README's
 params reference spell them out, key by key; these tests fail when either drifts. Bad input is
 catalogued in test_bad_inputs.py."""
-import dataclasses
 import re
 import subprocess
 import sys
@@ -10,28 +9,18 @@ from pathlib import Path
 import yaml
 
 from sfddm_core import config
+from sfddm_core.tracking import flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def flat(values: dict, prefix: str = "") -> dict:
-    """{dotted key: value} of a nested settings mapping, lists for tuples (as YAML reads them)."""
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
-DEFAULTS = flat(dataclasses.asdict(config.Config()))
+DEFAULTS = flatten(config.to_dict(config.Config()))     # {dotted key: default}, lists for tuples
 
 
 def test_params_yaml_spells_out_every_default_exactly():
     """Every key, with the dataclass default's value: a key missing from params.yaml fails here (loading
     it would fill in the default and hide the gap)."""
-    assert flat(yaml.safe_load((ROOT / "params.yaml").read_text())) == DEFAULTS
+    assert flatten(yaml.safe_load((ROOT / "params.yaml").read_text())) == DEFAULTS
     assert config.load(ROOT / "params.yaml") == config.Config()
 
 
@@ -71,5 +60,5 @@ def test_dry_run_prints_the_resolved_settings_and_runs_nothing(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
-    assert resolved["student"]["steps"] == 10 and flat(resolved)["distill.lr"] == DEFAULTS["distill.lr"]
+    assert resolved["student"]["steps"] == 10 and flatten(resolved)["distill.lr"] == DEFAULTS["distill.lr"]
     assert list(tmp_path.iterdir()) == []
