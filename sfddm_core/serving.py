@@ -11,13 +11,14 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from sfddm_core import diffusion, models, samplers
+from sfddm_core import diffusion, io, models, samplers
 from sfddm_core.io import resolve_device
 
 
 class StudentModel(PythonModel):
     def load_context(self, context):
         self.model = models.load_model(context.artifacts["student"])
+        self.sampler = io.student_provenance(context.artifacts["student"]).get("sampler", "ddim")  # its method's
         self.device = resolve_device("auto")
 
     # A DataFrame hint makes MLflow infer no schema from it: the logged signature is the contract.
@@ -27,7 +28,7 @@ class StudentModel(PythonModel):
         timesteps = None if steps is None or np.isnan(steps) else \
             diffusion.student_timesteps(self.model.num_timesteps, int(steps), "trailing")
         seeds = int(request["seed"]) + np.arange(int(request["num_images"]))
-        images, _ = samplers.generate(self.model, seeds, "ddim", timesteps, device=self.device)
+        images, _ = samplers.generate(self.model, seeds, self.sampler, timesteps, device=self.device)
         return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
