@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/dvc repro train_classifier sample_teacher distill
 	$(BIN)/sfddm bench quality --readme README.md
 	$(BIN)/sfddm bench quality --profile full --readme README.md
+	$(BIN)/sfddm bench attribution --readme README.md
 	$(BIN)/sfddm bench speed --readme README.md
 	$(BIN)/sfddm bench preemption --readme README.md
 

@@ -105,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
             ("speed", "sampling and training throughput, our DDIM loop against diffusers'",
              dict(teacher="models/teacher", student="models/student", data="data/prepared")),
             ("preemption", "sfddm distill killed at 60% of its run and rerun, on 1 and 2 processes",
-             dict(teacher="models/teacher", data="data/prepared"))):
+             dict(teacher="models/teacher", data="data/prepared")),
+            ("attribution", "where a student's distance to its teacher's ODE comes from, step by step",
+             dict(teacher="models/teacher", student="models/student", data="data/prepared",
+                  classifier="data/classifier.pt", teacher_samples="samples/teacher"))):
         sub = benches.add_parser(name, help=help_text, parents=[settings])
         for flag, default in {**paths, "out": "reports"}.items():
             sub.add_argument(f"--{flag.replace('_', '-')}", type=Path, default=Path(default))
@@ -214,8 +217,11 @@ def bench_command(args: argparse.Namespace, cfg) -> int:
     elif args.action == "speed":
         bench.speed(cfg, args.teacher, args.student, args.data, args.out, args.batch_size, args.loop_steps,
                     args.repeats, args.teacher_steps)
-    else:
+    elif args.action == "preemption":
         bench.preemption(cfg, args.teacher, args.data, args.out)
+    else:
+        bench.step_attribution(cfg, args.teacher, args.student, args.data, args.classifier, args.teacher_samples,
+                               args.out)
     report = bench_report.write(args.out)
     if args.readme:
         bench_report.update_readme(args.readme, report)

@@ -70,7 +70,8 @@ class DistillConfig:
     loss: str = "l2"                    # l1 | l2: distance of the pointwise output and feature terms
     pointwise_weight: float = 0.0       # |eps_S(x', i) - eps_T(x', phi_i)|
     hidden_weight: float = 0.0          # lambda_h: |h_S - h_T|, h = input of conv_out
-    trajectory_weight: float = 1.0      # |eps_S - eps*|^2, eps* from K teacher DDIM sub-steps
+    trajectory_weight: float = 1.0      # a student step against eps*, from K teacher DDIM sub-steps
+    step_loss: str = "sampler_output"   # sampler_output: where the steps land as sampled | eps: |eps_S - eps*|^2
     substeps: int = 8                   # K
     clip_substeps: bool = False         # clip the teacher's x0-hat at its sub-steps (all but the last)
     inputs: str = "forward_process"     # forward_process: x' ~ q(x | x0) | teacher_path: the teacher's DDIM states
@@ -133,6 +134,7 @@ CHOICES = {
     "distill.loss": ("l1", "l2"),
     "distill.inputs": ("forward_process", "teacher_path"),
     "distill.step_sampling": ("uniform", "loss"),
+    "distill.step_loss": ("sampler_output", "eps"),
     "distill.lr_decay": ("constant", "cosine"),
     "evaluate.feature_network": ("classifier", "inception"),
 }

@@ -163,6 +163,13 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, abar_t, abar_s, clip: bool =
     return q_sample(x0.clamp(-1.0, 1.0) if clip else x0, eps, abar_s)
 
 
+def ddim_eps_gain(abar_t, abar_s) -> np.ndarray:
+    """d x_s / d eps of an unclipped DDIM step t -> s: sqrt(1 - abar_s) - sqrt(abar_s / abar_t) sqrt(1 - abar_t)
+    (x_s = sqrt(abar_s) (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) + sqrt(1 - abar_s) eps)."""
+    abar_t, abar_s = np.asarray(abar_t, np.float64), np.asarray(abar_s, np.float64)
+    return np.sqrt(1.0 - abar_s) - np.sqrt(abar_s / abar_t) * np.sqrt(1.0 - abar_t)
+
+
 def x0_landing_on(x_t: torch.Tensor, x_target: torch.Tensor, abar_t, abar_s) -> torch.Tensor:
     """The x0* for which one unclipped DDIM step from x_t (at t) lands exactly on x_target (at s).
 

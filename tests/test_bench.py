@@ -1,9 +1,16 @@
-"""The benchmark's bookkeeping by hand: compute, targets, the report and the README generated from it."""
+"""The benchmark's bookkeeping by hand: compute, targets, the report and the README generated from it;
+the attribution's hybrid samplers against the samplers they are made of."""
+import json
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
-from sfddm_core import bench, bench_report, config
+from conftest import TINY_PARAMS, make_unet
+from sfddm_cli import cli
+from sfddm_core import bench, bench_report, config, diffusion, models, samplers, students
+from sfddm_core.methods import sfddm as sfddm_method
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,3 +125,82 @@ def test_teacher_identity_follows_the_network_and_schedule_not_the_provenance(tm
     assert bench.teacher_identity(tmp_path) == before
     (tmp_path / "unet/diffusion_pytorch_model.safetensors").write_text("w2")
     assert bench.teacher_identity(tmp_path) != before
+
+
+def test_hybrid_sampler_is_the_students_ddim_or_the_teachers_ode_along_the_targets_path(linear_abar):
+    teacher_unet, student_unet = make_unet(0), make_unet(1)
+    phi = diffusion.student_timesteps(1000, 4, "trailing")
+    schedule = diffusion.StudentSchedule(phi, linear_abar)
+    student = models.DiffusionModel(student_unet, schedule.abar_student, clip_denoised=True)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    students_ddim = samplers.ddim_sample(student_unet, x, range(4), schedule.abar_student)
+    assert torch.equal(bench.hybrid_sample(teacher_unet, student, schedule, 8, set(), x), students_ddim)
+    path = sfddm_method.target_timesteps({"distill": {"trajectory_weight": 1.0, "substeps": 8},
+                                          "teacher": {"num_train_timesteps": 1000},
+                                          "student": {"steps": 4, "spacing": "trailing"}})
+    teachers_ode = samplers.ddim_sample(teacher_unet, x, path, linear_abar, clip_denoised=False)
+    torch.testing.assert_close(bench.hybrid_sample(teacher_unet, student, schedule, 8, {0, 1, 2, 3}, x), teachers_ode)
+
+
+def test_local_error_is_zero_for_a_student_that_takes_the_teachers_own_step(linear_abar):
+    """With K = 1 the target of step i is one teacher DDIM step phi_i -> phi_{i-1}; the teacher-initialised
+    student (time embedding re-solved: it computes at i what the teacher computes at phi_i) takes exactly
+    that step when it does not clip, and a random student does not."""
+    teacher_unet = make_unet(0)
+    phi = diffusion.student_timesteps(1000, 4, "trailing")
+    schedule = diffusion.StudentSchedule(phi, linear_abar)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    copy = models.DiffusionModel(students.initial_student(teacher_unet, phi, "teacher", 0).eval(),
+                                 schedule.abar_student, clip_denoised=False)
+    errors = bench.local_errors(teacher_unet, copy, schedule, 1, x)
+    assert sorted(errors) == [0, 1, 2, 3] and max(errors.values()) < 1e-5
+    other = models.DiffusionModel(make_unet(1), schedule.abar_student, clip_denoised=False)
+    assert min(bench.local_errors(teacher_unet, other, schedule, 1, x).values()) > 100 * max(errors.values())
+
+
+def test_attribution_section_names_each_step_and_both_hybrids():
+    def row(fid):
+        return {"fid": fid, "kid": 1.0, "kid_std": 0.1, "reruns": [{"fid": fid, "kid": 1.0}, {"fid": fid + 2, "kid": 1.0}]}
+    attribution = {"student_dir": "models/student", "method": "sfddm", "substeps": 8, "phi": [499, 999],
+                   "machine": "CPU", "feature_network": "f", "num_samples": 10, "rerun_seed_sets": 2,
+                   "teacher_ddpm": row(20.0), "teacher_ode": row(18.0), "student": row(22.0),
+                   "steps": [{"step": 1, "t": 999, "s": 499, "local_error": 0.05, "teacher_takes_this_step": row(21.0),
+                              "student_takes_only_this_step": row(19.0)},
+                             {"step": 0, "t": 499, "s": -1, "local_error": 0.1, "teacher_takes_this_step": row(18.5),
+                              "student_takes_only_this_step": row(21.5)}]}
+    text = "\n".join(bench_report.attribution_section(attribution))
+    assert "| student (every step by the student) | 23.00 ± 1.41 |" in text
+    assert "| 1 (999 -> 499) | 0.050 | 22.00 ± 1.41 | 20.00 ± 1.41 |" in text
+    assert "| 0 (499 -> data) | 0.100 | 19.50 ± 1.41 | 22.50 ± 1.41 |" in text
+
+
+@pytest.mark.slow
+def test_bench_attribution_runs_on_a_distilled_student_and_refuses_other_methods(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(TINY_PARAMS))
+    paths = {name: str(tmp_path / name) for name in ("data", "classifier.pt", "teacher", "samples", "student", "bench")}
+
+    def sfddm(*args) -> int:
+        return cli.main([*args, "--params", str(params)])
+
+    assert sfddm("prepare", "--out", paths["data"]) == 0
+    assert sfddm("train-classifier", "--data", paths["data"], "--out", paths["classifier.pt"]) == 0
+    assert sfddm("train-teacher", "--data", paths["data"], "--out", paths["teacher"],
+                 "--loss-csv", str(tmp_path / "teacher.csv")) == 0
+    assert sfddm("sample-teacher", "--teacher", paths["teacher"], "--out", paths["samples"]) == 0
+    assert sfddm("distill", "--teacher", paths["teacher"], "--data", paths["data"], "--out", paths["student"],
+                 "--loss-csv", str(tmp_path / "student.csv")) == 0
+    common = ["--teacher", paths["teacher"], "--data", paths["data"], "--classifier", paths["classifier.pt"],
+              "--teacher-samples", paths["samples"], "--out", paths["bench"]]
+    assert sfddm("bench", "attribution", "--student", paths["student"], *common) == 0
+    result = json.loads((tmp_path / "bench/bench/attribution.json").read_text())
+    assert result["substeps"] == 4 and result["phi"] == [24, 49, 74, 99]       # T = 100, T' = 4, trailing
+    assert [row["step"] for row in result["steps"]] == [3, 2, 1, 0]
+    assert all(len(row["teacher_takes_this_step"]["reruns"]) == bench.RERUN_SEED_SETS for row in result["steps"])
+    assert "| 0 (24 -> data) |" in (tmp_path / "bench/benchmark.md").read_text()
+
+    assert sfddm("distill", "--teacher", paths["teacher"], "--data", paths["data"], "--out", str(tmp_path / "pd"),
+                 "--loss-csv", str(tmp_path / "pd.csv"), "--set", "distill.method=progressive") == 0
+    capsys.readouterr()
+    assert sfddm("bench", "attribution", "--student", str(tmp_path / "pd"), *common) == 2
+    assert "distilled by 'progressive', expected a method whose targets follow" in capsys.readouterr().err

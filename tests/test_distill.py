@@ -8,6 +8,7 @@ import torch
 from sfddm_core import diffusion
 from sfddm_core.config import DistillConfig
 from sfddm_core.diffusion import StudentSchedule
+from sfddm_core.methods.base import STEP_LOSSES, eps_error, sampler_output_error
 from sfddm_core.methods.sfddm import distillation_loss, trajectory_eps_target
 
 from conftest import make_unet
@@ -40,13 +41,15 @@ def test_loss_is_zero_for_a_copy_of_the_teacher_with_all_steps():
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.rand(16, 1, 8, 8, generator=g) * 2 - 1, torch.randn(16, 1, 8, 8, generator=g)
     i = np.arange(16) % T
-    cfg = DistillConfig(loss="l1", pointwise_weight=1.0, hidden_weight=1.0, trajectory_weight=1.0, substeps=4)
-    terms = distillation_loss(student, teacher, x0, eps, i, schedule, cfg)
-    assert set(terms) == {"loss", "pointwise", "hidden", "trajectory"}
-    assert terms["pointwise"].item() == 0 and terms["hidden"].item() == 0
-    assert terms["loss"].item() < 1e-10
-    different = distillation_loss(make_unet(1), teacher, x0, eps, i, schedule, cfg)
-    assert all(different[name].item() > 1e-3 for name in ("pointwise", "hidden", "trajectory"))
+    for step_loss in ("eps", "sampler_output"):     # an unclipped sampler: both measure the same landing
+        cfg = DistillConfig(loss="l1", pointwise_weight=1.0, hidden_weight=1.0, trajectory_weight=1.0, substeps=4,
+                            step_loss=step_loss)
+        terms = distillation_loss(student, teacher, x0, eps, i, schedule, cfg, sampler_clip=False)
+        assert set(terms) == {"loss", "pointwise", "hidden", "trajectory"}
+        assert terms["pointwise"].item() == 0 and terms["hidden"].item() == 0
+        assert terms["loss"].item() < 1e-10
+        different = distillation_loss(make_unet(1), teacher, x0, eps, i, schedule, cfg, sampler_clip=False)
+        assert all(different[name].item() > 1e-3 for name in ("pointwise", "hidden", "trajectory"))
 
 
 def _ddim_by_hand(x, t, s, abar, clip):
@@ -131,7 +134,8 @@ def test_progressive_target_is_two_teacher_ddim_steps_by_hand(linear_abar):
     eps = torch.tensor([[[[1.5, -2.0], [0.3, 0.7]]], [[[-0.4, 1.1], [2.2, -0.6]]]])
     j = np.array([1, 0])
     student = LinearEps()
-    terms = progressive_loss(student, LinearEps(), x0, eps, j, fine, fine[1::2], linear_abar, clip=False)
+    terms = progressive_loss(student, LinearEps(), x0, eps, j, fine, fine[1::2], linear_abar, clip=False,
+                             step_loss="eps", sampler_clip=False)
     eps_student = []
     for b, (t, mid, s) in enumerate([(499, 374, 249), (249, 124, -1)]):
         x_t = np.sqrt(linear_abar[t]) * x0[b] + np.sqrt(1 - linear_abar[t]) * eps[b]
@@ -162,9 +166,39 @@ def test_progressive_target_of_a_constant_eps_teacher_is_that_eps(linear_abar):
     x0 = torch.full((3, 1, 2, 2), 0.9)
     eps = torch.full((3, 1, 2, 2), 3.0)      # x_999's x0-hat is about 360: far outside [-1, 1]
     j = np.array([len(fine) // 2 - 1, 100, 0])
-    terms = progressive_loss(ConstantEps(), ConstantEps(), x0, eps, j, fine, fine[1::2], linear_abar,
-                             clip=False)
-    assert terms["loss"].item() < 1e-8
+    for step_loss in STEP_LOSSES:
+        terms = progressive_loss(ConstantEps(), ConstantEps(), x0, eps, j, fine, fine[1::2], linear_abar,
+                                 clip=False, step_loss=step_loss, sampler_clip=False)
+        assert terms["loss"].item() < 1e-8
+
+
+def test_sampler_output_error_is_the_eps_error_where_nothing_is_clipped(linear_abar):
+    g = torch.Generator().manual_seed(0)
+    x, eps_s, eps_t = (torch.randn(3, 1, 4, 4, generator=g) for _ in range(3))
+    abar_t, abar_s = linear_abar[[999, 749, 499]], linear_abar[[749, 499, 249]]
+    torch.testing.assert_close(sampler_output_error(x, eps_s, eps_t, abar_t, abar_s, clip=False),
+                               eps_error(x, eps_s, eps_t, abar_t, abar_s, clip=False), rtol=1e-4, atol=1e-7)
+
+
+def test_sampler_output_error_by_hand_at_the_data_end_and_with_a_clipping_sampler():
+    """At the data end both images are clamped: a pixel both push past -1 costs nothing however far
+    apart; otherwise the squared difference of the landings over c_ts^2 (here (1 - a) / a, a = abar_t)."""
+    a = 0.64                                             # sqrt(a) = 0.8, sqrt(1 - a) = 0.6
+    x = torch.zeros(1, 1, 1, 3)
+    x0_student, x0_target = torch.tensor([-1.5, -0.7, 0.2]), torch.tensor([-3.0, -0.5, 0.2])
+    eps_of = lambda x0: ((x - 0.8 * x0) / 0.6).reshape(1, 1, 1, 3)        # x = 0.8 x0 + 0.6 eps
+    error = sampler_output_error(x, eps_of(x0_student), eps_of(x0_target), np.array([a]), np.array([1.0]), clip=True)
+    expected = ((-0.7 + 0.5) ** 2 / ((1 - a) / a)) / 3                  # only the middle pixel differs
+    torch.testing.assert_close(error, torch.tensor([expected]), rtol=1e-5, atol=0)
+    # Between two noise levels the clipping sampler lands at sqrt(abar_s) clip(x0-hat) + sqrt(1 - abar_s) eps.
+    abar_s = 0.81                                        # sqrt 0.9, sqrt(1 - abar_s) = sqrt 0.19
+    eps_s, eps_t = eps_of(x0_student), eps_of(x0_target)
+    landing_s = 0.9 * x0_student.clamp(-1, 1) + np.sqrt(0.19) * eps_s.flatten()
+    landing_t = 0.9 * x0_target + np.sqrt(0.19) * eps_t.flatten()
+    gain = np.sqrt(0.19) - np.sqrt(abar_s / a) * 0.6
+    expected = ((landing_s - landing_t) ** 2).mean() / gain ** 2
+    torch.testing.assert_close(sampler_output_error(x, eps_s, eps_t, np.array([a]), np.array([abar_s]), clip=True),
+                               expected.reshape(1).float(), rtol=1e-5, atol=0)
 
 
 def test_time_embedding_fit_beyond_the_well_conditioned_range(linear_abar):

@@ -127,6 +127,36 @@ def ddim_path(teacher_unet, x: torch.Tensor, paths: np.ndarray, abar: np.ndarray
     return x_target
 
 
+def eps_error(x: torch.Tensor, eps_student: torch.Tensor, eps_target: torch.Tensor, abar_t, abar_s,
+              clip: bool) -> torch.Tensor:
+    """|eps_S - eps*|^2 per example (mean over its pixels): the reference's loss of a student step."""
+    return (eps_student - eps_target).pow(2).flatten(1).mean(1)
+
+
+def sampler_output_error(x: torch.Tensor, eps_student: torch.Tensor, eps_target: torch.Tensor, abar_t, abar_s,
+                         clip: bool) -> torch.Tensor:
+    """|x_s(eps_S) - x_s(eps*)|^2 / c_ts^2 per example: where the student's DDIM step t -> s lands as its
+    sampler takes it (x0-hat clipped with clip) against where eps*'s unclipped step lands (the teacher's
+    sub-steps), both images clamped to [-1, 1] at the data end as every sampler returns them.
+
+    c_ts = d x_s / d eps (diffusion.ddim_eps_gain) puts it in eps units: wherever nothing is clipped it
+    equals eps_error. Where it differs, it leaves alone what the sampler discards: an image pixel that
+    the teacher's path saturates costs nothing once the student's is saturated too, however far past.
+    """
+    student = diffusion.ddim_step(x, eps_student, abar_t, abar_s, clip=clip)
+    target = diffusion.ddim_step(x, eps_target, abar_t, abar_s, clip=False)
+    per_example = (-1, *([1] * (x.dim() - 1)))
+    at_data = torch.as_tensor(np.asarray(abar_s) == 1.0, device=x.device).reshape(per_example)
+    student = torch.where(at_data, student.clamp(-1.0, 1.0), student)
+    target = torch.where(at_data, target.clamp(-1.0, 1.0), target)
+    gain = torch.as_tensor(diffusion.ddim_eps_gain(abar_t, abar_s), dtype=x.dtype, device=x.device).reshape(per_example)
+    return ((student - target) / gain).pow(2).flatten(1).mean(1)
+
+
+# distill.step_loss: how a student step is compared with its target, per example.
+STEP_LOSSES: dict[str, Callable[..., torch.Tensor]] = {"sampler_output": sampler_output_error, "eps": eps_error}
+
+
 def ddim_path_eps_target(teacher_unet, x: torch.Tensor, paths: np.ndarray, abar: np.ndarray,
                          first_eps: torch.Tensor, clip: bool) -> torch.Tensor:
     """eps* for one student step t -> s, from the teacher's DDIM steps along paths[b] = (t, ..., s)."""

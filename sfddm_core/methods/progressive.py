@@ -7,24 +7,24 @@ import dataclasses
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import diffusion, distributed, models, students
 from ..config import Config
 from ..errors import ConfigError
-from .base import Distillation, Method, ddim_path_eps_target
+from .base import STEP_LOSSES, Distillation, Method, ddim_path_eps_target
 
 
 def progressive_loss(student_unet, teacher_unet, x0: torch.Tensor, eps: torch.Tensor, j: np.ndarray,
-                     fine: np.ndarray, student_inputs: np.ndarray, abar: np.ndarray,
-                     clip: bool) -> dict[str, torch.Tensor]:
+                     fine: np.ndarray, student_inputs: np.ndarray, abar: np.ndarray, clip: bool,
+                     step_loss: str, sampler_clip: bool) -> dict[str, torch.Tensor]:
     """Progressive distillation on one batch of one fold: 2N teacher steps -> N.
 
     The student's step j, from t = fine[2j + 1] to s = fine[2j - 1] (the data end for j = 0), must land
     where the teacher's two DDIM steps t -> fine[2j] -> s land. Their x-target x~ (the x0 whose one DDIM
     step does that) enters as eps~ = (x_t - sqrt(abar_t) x~) / sqrt(1 - abar_t): for an eps-parameterized
     student |eps - eps~|^2 = SNR_t |x0-hat - x~|^2, the SNR weighting their paper gives for eps.
-    The teacher is called with teacher timesteps, the student with student_inputs[j].
+    The teacher is called with teacher timesteps, the student with student_inputs[j]. The two are compared
+    by distill.step_loss (STEP_LOSSES), sampler_clip saying whether the student's steps clip x0-hat.
     Why clip (the teacher's mid-point x0-hat, distill.clip_substeps) is off by default: with x_s where the
     two steps land, eps~ = (x_s - sqrt(abar_s / abar_t) x_t) / c_ts, c_ts = sqrt(1 - abar_s) -
     sqrt(abar_s / abar_t) sqrt(1 - abar_t), and c_ts is -0.04 for the first fold's 999 -> 997 -> 995
@@ -38,7 +38,7 @@ def progressive_loss(student_unet, teacher_unet, x0: torch.Tensor, eps: torch.Te
         first_eps = teacher_unet(x, torch.as_tensor(t, device=x.device)).sample.to(x.dtype)
     eps_target = ddim_path_eps_target(teacher_unet, x, np.stack([t, mid, s], axis=1), abar, first_eps, clip)
     eps_student = student_unet(x, torch.as_tensor(student_inputs[j], device=x.device)).sample
-    loss = F.mse_loss(eps_student, eps_target)
+    loss = STEP_LOSSES[step_loss](x, eps_student, eps_target, abar[t], diffusion.abar_at(abar, s), sampler_clip).mean()
     return {"loss": loss, "progressive": loss}
 
 
@@ -48,6 +48,8 @@ def train(d: Distillation) -> tuple[torch.nn.Module, list[dict]]:
     Every fold's student starts as a copy of its teacher (the previous fold's EMA student) and, except
     in the last fold, is called with teacher timesteps like its teacher; the last fold's student is
     called with its step index, as every student folder is, its time embedding re-solved at the start.
+    Only the last fold's student is sampled by the student's sampler (student.clip_denoised); an earlier
+    one's steps are the next fold's targets, taken unclipped.
     A fold's result is not kept, so a run killed in fold k repeats folds before k exactly (their
     checkpoints are gone) and resumes fold k from its own checkpoint file. The monitor watches the last
     fold only; log steps are numbered across folds.
@@ -70,7 +72,7 @@ def train(d: Distillation) -> tuple[torch.nn.Module, list[dict]]:
             x0, eps = d.draw_batch(rng, dc.batch_size)
             j = rng.integers(0, len(fine) // 2, dc.batch_size)
             terms = progressive_loss(net, fold_teacher, *map(distributed.shard, (x0, eps, j)), fine, student_inputs,
-                                     abar, dc.clip_substeps)
+                                     abar, dc.clip_substeps, dc.step_loss, last and cfg.student.clip_denoised)
             return {**terms, "teacher_forwards": d.forwards.images}
 
         fold_checkpoint = d.checkpoint and dataclasses.replace(
@@ -104,7 +106,7 @@ def check(cfg: Config) -> None:
 
 
 def describe(settings: dict) -> str:
-    return "progressive (2 teacher DDIM steps)"
+    return "progressive (2 teacher DDIM steps)" + (", eps loss" if settings["distill"].get("step_loss", "eps") == "eps" else "")
 
 
 METHOD = Method("progressive", train, describe, check)

@@ -16,7 +16,7 @@ from .. import diffusion, distributed, models, students
 from ..config import Config, DistillConfig
 from ..diffusion import StudentSchedule
 from ..errors import ConfigError
-from .base import Distillation, Method, ddim_path, ddim_path_eps_target
+from .base import STEP_LOSSES, Distillation, Method, ddim_path, ddim_path_eps_target
 
 DISTANCES = {"l1": F.l1_loss, "l2": F.mse_loss}
 
@@ -31,9 +31,13 @@ def hidden_feature_loss(h_student, h_teacher, distance) -> torch.Tensor:
     return distance(h_student, h_teacher)
 
 
-def trajectory_loss(eps_student, eps_target) -> torch.Tensor:
-    """|eps_S - eps*|^2 in eps-space, eps* the eps whose one DDIM step lands on the teacher's K steps."""
-    return F.mse_loss(eps_student, eps_target)
+def trajectory_errors(x: torch.Tensor, eps_student: torch.Tensor, eps_target: torch.Tensor, i: np.ndarray,
+                      schedule: StudentSchedule, step_loss: str, sampler_clip: bool) -> torch.Tensor:
+    """Per example, the student's step x'_i -> x'_{i-1} against eps*'s, the teacher's K sub-steps
+    (distill.step_loss, one of STEP_LOSSES; sampler_clip: the student's sampler clips x0-hat)."""
+    return STEP_LOSSES[step_loss](x, eps_student, eps_target, schedule.abar_student[i],
+                                  diffusion.abar_at(schedule.abar_teacher, schedule.previous_teacher_step(i)),
+                                  sampler_clip)
 
 
 def trajectory_eps_target(teacher_unet, x: torch.Tensor, i: np.ndarray, schedule: StudentSchedule,
@@ -45,10 +49,11 @@ def trajectory_eps_target(teacher_unet, x: torch.Tensor, i: np.ndarray, schedule
 
 
 def distillation_loss(student_unet, teacher_unet, x0: torch.Tensor, eps: torch.Tensor, i: np.ndarray,
-                      schedule: StudentSchedule, cfg: DistillConfig,
+                      schedule: StudentSchedule, cfg: DistillConfig, sampler_clip: bool,
                       observe: Optional[Callable[[np.ndarray, np.ndarray], None]] = None) -> dict[str, torch.Tensor]:
     """The SFDDM objective on one batch; returns the total ("loss") and each weighted term's value.
-    observe(i, loss of each example), if given, sees the trajectory term per example (StepSampler)."""
+    sampler_clip: the student's sampler clips x0-hat (student.clip_denoised). observe(i, loss of each
+    example), if given, sees the trajectory term per example (StepSampler)."""
     x = diffusion.q_sample(x0, eps, schedule.abar_student[i])           # == the teacher's x_{phi_i}
     device = x.device
     with torch.no_grad():
@@ -62,9 +67,10 @@ def distillation_loss(student_unet, teacher_unet, x0: torch.Tensor, eps: torch.T
         terms["hidden"] = hidden_feature_loss(h_s, h_t, distance)
     if cfg.trajectory_weight:
         eps_star = trajectory_eps_target(teacher_unet, x, i, schedule, cfg.substeps, eps_t, cfg.clip_substeps)
-        terms["trajectory"] = trajectory_loss(eps_s, eps_star)
+        errors = trajectory_errors(x, eps_s, eps_star, i, schedule, cfg.step_loss, sampler_clip)
+        terms["trajectory"] = errors.mean()
         if observe is not None:
-            observe(i, (eps_s.detach() - eps_star).pow(2).flatten(1).mean(1).cpu().numpy())
+            observe(i, errors.detach().cpu().numpy())
     weights = {"pointwise": cfg.pointwise_weight, "hidden": cfg.hidden_weight,
                "trajectory": cfg.trajectory_weight}
     total = sum(weights[name] * value for name, value in terms.items())
@@ -97,11 +103,12 @@ def teacher_path_targets(teacher_unet, x0: torch.Tensor, eps: torch.Tensor, sche
 
 
 def teacher_path_loss(student_unet, teacher_unet, x0: torch.Tensor, eps: torch.Tensor,
-                      schedule: StudentSchedule, cfg: DistillConfig) -> dict[str, torch.Tensor]:
+                      schedule: StudentSchedule, cfg: DistillConfig, sampler_clip: bool) -> dict[str, torch.Tensor]:
     """The trajectory term on inputs from the teacher's own path (teacher_path_targets): len(x0) paths,
     len(x0) * T' training pairs."""
     x, i, eps_star = teacher_path_targets(teacher_unet, x0, eps, schedule, cfg.substeps, cfg.clip_substeps)
-    loss = trajectory_loss(student_unet(x, torch.as_tensor(i, device=x.device)).sample, eps_star)
+    eps_s = student_unet(x, torch.as_tensor(i, device=x.device)).sample
+    loss = trajectory_errors(x, eps_s, eps_star, i, schedule, cfg.step_loss, sampler_clip).mean()
     return {"loss": cfg.trajectory_weight * loss, "trajectory": loss}
 
 
@@ -147,12 +154,13 @@ def train(d: Distillation) -> tuple[torch.nn.Module, list[dict]]:
         shard = distributed.shard
         if dc.inputs == "teacher_path":
             x0, eps = d.draw_batch(rng, paths)
-            terms = teacher_path_loss(net, d.teacher_unet, shard(x0), shard(eps), d.schedule, dc)
+            terms = teacher_path_loss(net, d.teacher_unet, shard(x0), shard(eps), d.schedule, dc,
+                                      cfg.student.clip_denoised)
         else:
             x0, eps = d.draw_batch(rng, dc.batch_size)
             i = steps.draw(rng, dc.batch_size)
             terms = distillation_loss(net, d.teacher_unet, shard(x0), shard(eps), shard(i), d.schedule, dc,
-                                      observe if steps.weighted else None)   # observing syncs a GPU
+                                      cfg.student.clip_denoised, observe if steps.weighted else None)  # observing syncs a GPU
         return {**terms, "teacher_forwards": d.forwards.images}
 
     with d.forwards.watching(d.teacher_unet):
@@ -172,7 +180,8 @@ def describe(settings: dict) -> str:
     d = settings["distill"]
     terms = [name for name, key in (("pointwise", "pointwise_weight"), (f"trajectory K={d['substeps']}",
                                     "trajectory_weight"), ("hidden", "hidden_weight")) if d[key]]
-    extras = ["inputs on the teacher's path"] if d["inputs"] == "teacher_path" else []
+    extras = ["eps loss"] if d["trajectory_weight"] and d.get("step_loss", "eps") == "eps" else []
+    extras += ["inputs on the teacher's path"] if d["inputs"] == "teacher_path" else []
     extras += ["steps weighted by loss"] if d["step_sampling"] == "loss" else []
     return " + ".join(terms) + "".join(f", {extra}" for extra in extras)
 
