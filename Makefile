@@ -19,7 +19,7 @@ IMAGE_REF = $(eval IMAGE_REF := $(or $(shell $(PYTHON) components/image.py --reg
 IMAGE_TAG = $(if $(findstring @,$(IMAGE_REF)),$(error IMAGE=$(IMAGE_REF) is a digest, which only \
 	`make pipeline` takes; build and push need a tag, e.g. IMAGE=$(REGISTRY)/sfddm:git-<commit>),$(IMAGE_REF))
 
-.PHONY: install run test test-fast bench pipeline image push clean
+.PHONY: install run test test-fast bench serve pipeline image push clean
 
 install: $(STAMP)
 
@@ -42,11 +42,17 @@ test-fast: install
 
 bench: install
 	$(BIN)/dvc repro train_classifier sample_teacher distill
-	$(BIN)/sfddm bench quality --readme README.md
-	$(BIN)/sfddm bench quality --profile full --readme README.md
-	$(BIN)/sfddm bench attribution --readme README.md
-	$(BIN)/sfddm bench speed --readme README.md
-	$(BIN)/sfddm bench preemption --readme README.md
+	$(BIN)/sfddm bench quality --results-page docs/benchmarks.md
+	$(BIN)/sfddm bench quality --profile full --results-page docs/benchmarks.md
+	$(BIN)/sfddm bench attribution --results-page docs/benchmarks.md
+	$(BIN)/sfddm bench speed --results-page docs/benchmarks.md
+	$(BIN)/sfddm bench preemption --results-page docs/benchmarks.md
+	$(BIN)/python benchmarks/serving.py --results-page docs/benchmarks.md
+
+# The champion (models:/sfddm-student@champion) of the registry at MLFLOW_TRACKING_URI (default
+# sqlite:///mlflow.db, as `make run` fills it) on http://127.0.0.1:5001 (POST /invocations).
+serve: install
+	$(BIN)/sfddm serve
 
 pipeline: install
 	$(BIN)/sfddm pipeline compile --image $(IMAGE_REF)

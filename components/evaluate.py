@@ -1,16 +1,17 @@
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import Artifact, Dataset, HTML, Input, Markdown, Metrics, Model, Output
 
 from .image import IMAGE
+from .mlflow_link import mlflow_run_markdown
 from .reports import fid_table_markdown, sample_grids_html
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False,
-               additional_funcs=[fid_table_markdown, sample_grids_html])
+               additional_funcs=[mlflow_run_markdown, fid_table_markdown, sample_grids_html])
 def evaluate(config: str, teacher_model: Input[Model], student_model: Input[Model],
              teacher_samples: Input[Dataset], dataset: Input[Dataset], classifier: Input[Model],
              metrics: Output[Metrics], evaluation: Output[Artifact], fid_table: Output[Markdown],
-             sample_grids: Output[HTML]) -> float:
+             sample_grids: Output[HTML], mlflow_run: Output[Markdown]) -> float:
     """sfddm evaluate: FID, speed and consistency of the student against the teacher's two baselines.
 
     `evaluation` holds evaluate.json and the PNGs (images/), `metrics` the same numbers for the KFP UI.
@@ -33,4 +34,5 @@ def evaluate(config: str, teacher_model: Input[Model], student_model: Input[Mode
     reference = f"the test split of {meta['source']} ({meta['counts']['test']} images)"
     Path(fid_table.path).write_text(fid_table_markdown(results, reference))
     Path(sample_grids.path).write_text(sample_grids_html(str(image_dir)))
+    Path(mlflow_run.path).write_text(mlflow_run_markdown("evaluate"))
     return results["fid"]["student"]

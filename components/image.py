@@ -43,8 +43,8 @@ IMAGE_NAME = "sfddm"
 COMMIT_TAG_PREFIX = "git-"
 COMMIT_DIGITS = 12
 # What the build reads (components/Dockerfile's COPY sources and the context filter), as git pathspecs;
-# a test checks this against the Dockerfile. Not the compiled pipelines/*.yaml: the image leaves it out,
-# so recompiling the pipeline does not make the tree dirty for the image.
+# tests/test_docker_context.py checks them against the files the Dockerfile copies. Not the compiled
+# pipelines/*.yaml: the image leaves it out, so recompiling the pipeline does not make the tree dirty for the image.
 IMAGE_INPUTS = (".dockerignore", "components/Dockerfile", "requirements.lock", "pyproject.toml",
                 "README.md", "sfddm_core", "sfddm_cli", "components", "pipelines/*.py")
 # The image of the components as defined at import time. Only a compiled pipeline needs a real image,

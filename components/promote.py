@@ -1,11 +1,12 @@
 from kfp import dsl
-from kfp.dsl import Artifact, Output
+from kfp.dsl import Artifact, Markdown, Output
 
 from .image import IMAGE
+from .mlflow_link import mlflow_run_markdown
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
-def promote(config: str, model_version: int, decision: Output[Artifact]):
+@dsl.component(base_image=IMAGE, install_kfp_package=False, additional_funcs=[mlflow_run_markdown])
+def promote(config: str, model_version: int, decision: Output[Artifact], mlflow_run: Output[Markdown]):
     """sfddm promote: move the `champion` alias to this run's version if its stored FID is at most
     registry.max_fid and lower than the champion's. A refusal is not a failure: `decision` says why."""
     import json
@@ -16,3 +17,4 @@ def promote(config: str, model_version: int, decision: Output[Artifact]):
     outcome = stages.promote(config_lib.from_dict(json.loads(config)), model_version, decision=Path(decision.path))
     decision.metadata.update({"promoted": outcome.promoted, "reason": outcome.reason,
                               "champion_version": outcome.champion_version})
+    Path(mlflow_run.path).write_text(mlflow_run_markdown("promote"))

@@ -44,3 +44,35 @@ def sample_grids_html(image_dir: str) -> str:
             f"<figcaption>{caption}</figcaption></figure>")
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>sfddm samples</title></head>"
             "<body style=\"font-family: sans-serif\">\n" + "\n".join(figures) + "\n</body></html>\n")
+
+
+def fid_curve_html(csv_path: str, what: str) -> str:
+    """FID and KID of the student along distillation (the CSV of `sfddm distill --classifier`: step, fid,
+    kid) as one page with an inline SVG plot; `what` says what the numbers depend on."""
+    import csv
+    import html
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    steps = [int(row["step"]) for row in rows]
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.2), constrained_layout=True)
+    for ax, key in zip(axes, ("fid", "kid")):
+        ax.plot(steps, [float(row[key]) for row in rows], marker="o")
+        ax.set_xlabel("distillation update")
+        ax.set_ylabel(key.upper())
+        ax.grid(alpha=0.3)
+    svg = io.StringIO()
+    figure.savefig(svg, format="svg")
+    plt.close(figure)
+    table = "".join(f"<tr><td>{row['step']}</td><td>{float(row['fid']):.2f}</td><td>{float(row['kid']):.4g}</td></tr>"
+                    for row in rows)
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>sfddm FID along distillation</title>"
+            "</head><body style=\"font-family: sans-serif\">\n<h3>FID and KID of the student along distillation</h3>\n"
+            + svg.getvalue()[svg.getvalue().index("<svg"):]
+            + f"\n<p>{html.escape(what)}</p>\n<table><tr><th>update</th><th>FID</th><th>KID</th></tr>{table}</table>"
+            "\n</body></html>\n")

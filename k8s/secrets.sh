@@ -8,8 +8,12 @@
 # RUN_NAMESPACE is where Kubeflow Pipelines runs execute (default kubeflow; a profile
 # namespace in a multi-user Kubeflow). Both namespaces must exist: apply k8s/ first.
 #
-#   namespace sfddm:          sfddm-postgres, sfddm-mlflow-s3, sfddm-mlflow-admin, sfddm-mlflow-runner
-#   namespace RUN_NAMESPACE:  sfddm-mlflow-s3, sfddm-mlflow-runner (copies of those in sfddm)
+#   namespace sfddm:          sfddm-postgres, sfddm-mlflow-admin, sfddm-mlflow-runner, and one S3 key,
+#                             sfddm-mlflow-reader
+#                             per client of the object store: sfddm-s3-admin (the bucket Job),
+#                             sfddm-mlflow-s3 (the MLflow server), sfddm-dvc-s3 (DVC users),
+#                             sfddm-pipeline-s3 (pipeline tasks, read-only)
+#   namespace RUN_NAMESPACE:  sfddm-pipeline-s3, sfddm-mlflow-runner (copies of those in sfddm)
 #
 # Values are hex, safe in the database URI and the object store's JSON identity file.
 set -eu
@@ -50,18 +54,30 @@ done
 # PostgreSQL and SeaweedFS take these when they first initialise, the MLflow admin user
 # when the server first starts: rotating them later takes more than a new Secret (k8s/README.md).
 secret "$NS" sfddm-postgres POSTGRES_PASSWORD="$(random 24)"
-secret "$NS" sfddm-mlflow-s3 AWS_ACCESS_KEY_ID="$(random 10)" AWS_SECRET_ACCESS_KEY="$(random 24)"
+# SeaweedFS's identities (k8s/base/object-store.yaml), each allowed on its own buckets only.
+for name in sfddm-s3-admin sfddm-mlflow-s3 sfddm-dvc-s3 sfddm-pipeline-s3; do
+  secret "$NS" "$name" AWS_ACCESS_KEY_ID="$(random 10)" AWS_SECRET_ACCESS_KEY="$(random 24)"
+done
 secret "$NS" sfddm-mlflow-admin MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD="$(random 24)" \
   MLFLOW_FLASK_SERVER_SECRET_KEY="$(random 32)"
 # Job/sfddm-mlflow-users sets the runner's MLflow password to this one.
 secret "$NS" sfddm-mlflow-runner MLFLOW_TRACKING_USERNAME=sfddm-pipeline-runner \
   MLFLOW_TRACKING_PASSWORD="$(random 24)"
+# The read-only MLflow user of k8s/serving (the server's default READ permission); Job/sfddm-mlflow-users
+# creates it with this password.
+secret "$NS" sfddm-mlflow-reader MLFLOW_TRACKING_USERNAME=sfddm-serving \
+  MLFLOW_TRACKING_PASSWORD="$(random 24)"
 
 if [ "$RUN_NS" != "$NS" ]; then
-  secret "$RUN_NS" sfddm-mlflow-s3 \
-    AWS_ACCESS_KEY_ID="$(value sfddm-mlflow-s3 AWS_ACCESS_KEY_ID)" \
-    AWS_SECRET_ACCESS_KEY="$(value sfddm-mlflow-s3 AWS_SECRET_ACCESS_KEY)"
+  secret "$RUN_NS" sfddm-pipeline-s3 \
+    AWS_ACCESS_KEY_ID="$(value sfddm-pipeline-s3 AWS_ACCESS_KEY_ID)" \
+    AWS_SECRET_ACCESS_KEY="$(value sfddm-pipeline-s3 AWS_SECRET_ACCESS_KEY)"
   secret "$RUN_NS" sfddm-mlflow-runner \
     MLFLOW_TRACKING_USERNAME="$(value sfddm-mlflow-runner MLFLOW_TRACKING_USERNAME)" \
     MLFLOW_TRACKING_PASSWORD="$(value sfddm-mlflow-runner MLFLOW_TRACKING_PASSWORD)"
+  # Earlier versions copied MLflow's S3 key here for pipeline tasks, which no longer use it.
+  if "$KUBECTL" -n "$RUN_NS" get secret sfddm-mlflow-s3 >/dev/null 2>&1; then
+    echo "WARNING: secret sfddm-mlflow-s3 in $RUN_NS is an old copy of MLflow's S3 key that pipeline" \
+      "tasks no longer use: kubectl -n $RUN_NS delete secret sfddm-mlflow-s3" >&2
+  fi
 fi

@@ -11,30 +11,45 @@ The launcher, step by step:
   job its predecessor started and adopts it (a running or finished job with the same spec) instead of
   starting a second one; a failed job, or one with another spec, is deleted and submitted again, and the
   new one resumes from the checkpoint;
+- makes its own pod the job's owner (metadata.ownerReferences; the pod's name and uid come from the
+  downward API, settings.POD_FIELDS, and without them it refuses to submit): when KFP's "Terminate run"
+  or a step timeout deletes the pod, Kubernetes' garbage collector deletes the TrainJob and its pods,
+  even if the launcher was SIGKILLed. An adopted job is handed to the retry's pod (a merge patch of
+  ownerReferences), since the earlier try's pod is deleted with its run;
 - copies the inputs and the resolved settings into the job's folder on the volume before submitting;
+- submits it with Kueue's queue label (settings.TRAINING_QUEUE): Kueue keeps it suspended, holding no
+  GPUs, until its quota admits every pod of it at once; meanwhile the step logs "queued by Kueue" and
+  waits without a limit (queued time is not part of the budget, as for the job's activeDeadlineSeconds);
 - waits until the TrainJob is Complete or Failed, at most the stage's budget (also the job's
-  activeDeadlineSeconds) plus a grace period for scheduling, forwarding rank 0's log lines to the
-  step's log and naming the `kubectl logs` command that follows every pod;
+  activeDeadlineSeconds) plus a grace period for scheduling, counted from its admission, forwarding rank
+  0's log lines to the step's log and naming the `kubectl logs` command that follows every pod;
 - on Complete, copies out/ and loss.csv to the output artifacts, then deletes the job and its folder;
   on Failed or at the timeout, fails the step with one line naming the job and the reason (and deletes
-  the job at the timeout, so that it frees its GPUs); the checkpoint stays for the retry.
+  the job at the timeout, so that it frees its GPUs); the checkpoint stays for the retry;
+- on SIGTERM or SIGINT while it holds the job (the kubelet's signal when the run is terminated or the
+  step times out, before it kills the pod), deletes the TrainJob itself, at once, and fails the step
+  with one line; the checkpoint stays for a retry.
 
 Why the plain `kubernetes` client and not the `kubeflow` SDK (0.5.x, TrainerClient):
 - the manifest is a plain dict that the same code prints (`sfddm pipeline trainjob`), validates against
   the CRD schema in the tests and submits: nothing is built twice or hidden in the SDK's translation;
-- what the launcher needs is four calls (create, get, delete, pod logs); the SDK's extras do not fit:
-  CustomTrainerContainer has no processes-per-node field (it would go into the command), volumes and GPU
-  placement need RuntimePatch options anyway, `wait_for_job_status` defaults to 600 s and raises one
-  error for Failed and for the timeout, and adopting a job by name needs get/delete as here;
+- what the launcher needs is five calls (create, get, patch, delete, pod logs: API_RIGHTS); the SDK's
+  extras do not fit: CustomTrainerContainer has no processes-per-node field (it would go into the
+  command), volumes and GPU placement need RuntimePatch options anyway, `wait_for_job_status` defaults
+  to 600 s and raises one error for Failed and for the timeout, and adopting a job by name needs
+  get/patch/delete as here;
 - `kubernetes` (30.1.0) is already in the image and the lock (kfp depends on it), while the SDK would
   add kubeflow and kubeflow-trainer-api to every step's environment, and mocking CustomObjectsApi in
   the tests is direct.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -44,8 +59,8 @@ from sfddm_core.errors import SfddmError
 
 from . import gpu_profile as gpu_profile_lib
 from . import trainjob
-from .settings import (DEFAULT_BUDGET_HOURS, MLFLOW_S3_ENV, MLFLOW_SECRET, MLFLOW_SECRET_ENV, PIPELINE_RUN_ENV,
-                       S3_SECRET, S3_SECRET_ENV, SETTINGS_CONFIG_MAP, SETTINGS_ENV)
+from .settings import (DEFAULT_BUDGET_HOURS, MLFLOW_SECRET, MLFLOW_SECRET_ENV, PIPELINE_RUN_ENV,
+                       POD_NAME_ENV, POD_UID_ENV, SETTINGS_CONFIG_MAP, SETTINGS_ENV)
 
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"         # JobSet labels every pod of a TrainJob with it
@@ -58,10 +73,15 @@ FORWARD_LINES = 50              # read per poll: lines rank 0 logged since the l
 # Plain values of the step's environment that the TrainJob's pods get too: the run id that groups the
 # stage's MLflow run, and MLflow's own run/experiment when KFP's MLflow integration set them.
 PASSED_ENV = (PIPELINE_RUN_ENV, "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "SFDDM_TRACKING")
+# The API calls the launcher makes, by (API group, resource): what the pipeline runner's Role must grant
+# (k8s/pipeline-runner/rbac.yaml; tests/test_trainjob.py checks that it grants exactly these).
+API_RIGHTS = {(trainjob.API_GROUP, trainjob.PLURAL): {"create", "get", "patch", "delete"},
+              ("", "pods"): {"list"}, ("", "pods/log"): {"get"}}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def train_stage(stage: str, config_json: str, *, data_dir, out_dir, loss_csv, teacher_dir=None,
-                num_nodes: int = 1, gpus_per_node: int = 1, shared_root: str = "", image: str = "",
+                classifier=None, fid_csv=None, num_nodes: int = 1, gpus_per_node: int = 1, shared_root: str = "", image: str = "",
                 claim: str = "", budget_hours: float = 0.0, gpu_profile: str = "",
                 jobs: Optional["TrainJobs"] = None) -> trainjob.Placement:
     """Train `stage` ("teacher" or "distill") with the resolved config, writing out_dir and loss_csv.
@@ -78,7 +98,7 @@ def train_stage(stage: str, config_json: str, *, data_dir, out_dir, loss_csv, te
         checkpoint_dir = trainjob.checkpoint_path(shared_root, stage, fingerprint)
     if where.in_pod:
         _train_here(stage, cfg, Path(data_dir), Path(out_dir), Path(loss_csv), teacher_dir,
-                    checkpoint_dir and Path(checkpoint_dir))
+                    checkpoint_dir and Path(checkpoint_dir), classifier, fid_csv)
         return where
     if not shared_root or not image:
         raise SfddmError(f"{stage} on {num_nodes} x {gpus_per_node} GPUs needs a TrainJob, which needs the "
@@ -88,25 +108,48 @@ def train_stage(stage: str, config_json: str, *, data_dir, out_dir, loss_csv, te
         raise SfddmError(f"{stage}: the budget must be a positive number of hours, got {budget_hours}")
     run_id = os.environ.get(PIPELINE_RUN_ENV, "")
     name = trainjob.job_name(stage, run_id)
+    owner = owner_pod(os.environ)
     jobs = jobs or TrainJobs.in_cluster()
     body = trainjob.manifest(
         stage, name=name, image=image, num_nodes=num_nodes, gpus_per_node=gpus_per_node,
         checkpoint_dir=checkpoint_dir, namespace=jobs.namespace, claim=claim or trainjob.DEFAULT_CLAIM,
         gpu=_gpu(gpu_profile), env=trainjob_env(os.environ), budget_seconds=round(budget_hours * 3600),
-        run_id=run_id, root=shared_root)
-    inputs = {"data": Path(data_dir), **({"teacher": Path(teacher_dir)} if stage == "distill" else {})}
+        run_id=run_id, root=shared_root, owner=owner)
+    given = {"--data": data_dir, "--teacher": teacher_dir, "--classifier": classifier, "--fid-csv": fid_csv}
+    missing = [flag for flag, _ in trainjob.stage_of(stage).inputs + trainjob.stage_of(stage).outputs
+               if given[flag] is None]
+    if missing:
+        raise SfddmError(f"{stage} on a TrainJob needs {', '.join(missing)} (the job runs `sfddm "
+                         f"{trainjob.stage_of(stage).command}` with them)")
+    inputs = {name: Path(given[flag]) for flag, name in trainjob.stage_of(stage).inputs}
+    outputs = {name: Path(given[flag]) for flag, name in trainjob.stage_of(stage).outputs}
     Launcher(jobs).run(body, cfg, inputs, Path(shared_root), Path(out_dir), Path(loss_csv),
-                       timeout_seconds=round(budget_hours * 3600) + GRACE_SECONDS)
+                       timeout_seconds=round(budget_hours * 3600) + GRACE_SECONDS, outputs=outputs)
     return where
 
 
-def _train_here(stage, cfg, data_dir: Path, out_dir: Path, loss_csv: Path, teacher_dir, checkpoint_dir):
+def owner_pod(environ) -> dict:
+    """The ownerReference of the TrainJob: this step's pod, from the downward API (settings.POD_FIELDS).
+    Refused when it is unknown: a GPU job with no owner outlives a step that is SIGKILLed (OOM, lost node),
+    where the SIGTERM cleanup never runs, until its activeDeadlineSeconds; so TrainJobs are submitted only
+    from pipeline steps that know their pod (`sfddm pipeline trainjob` prints one to apply by hand)."""
+    name, uid = environ.get(POD_NAME_ENV, ""), environ.get(POD_UID_ENV, "")
+    if not name or not uid:
+        raise SfddmError(f"{POD_NAME_ENV}={name!r}, {POD_UID_ENV}={uid!r}: expected this step's pod name and "
+                         "uid (the pipeline sets them), which own the TrainJob so that deleting the step "
+                         "deletes it; recompile the pipeline (sfddm pipeline compile)")
+    return trainjob.owner_reference(name, uid)
+
+
+def _train_here(stage, cfg, data_dir: Path, out_dir: Path, loss_csv: Path, teacher_dir, checkpoint_dir,
+                classifier=None, fid_csv=None):
     from sfddm_core import stages
 
     if stage == "teacher":
         stages.train_teacher(cfg, data_dir, out_dir, loss_csv, checkpoint_dir)
     else:
-        stages.distill(cfg, Path(teacher_dir), data_dir, out_dir, loss_csv, checkpoint_dir)
+        stages.distill(cfg, Path(teacher_dir), data_dir, out_dir, loss_csv, checkpoint_dir,
+                       classifier=classifier and Path(classifier), fid_csv=fid_csv and Path(fid_csv))
 
 
 def _gpu(profile_json: str):
@@ -114,12 +157,12 @@ def _gpu(profile_json: str):
 
 
 def trainjob_env(environ=None) -> list[dict]:
-    """trainer.env of the training TrainJobs: the settings and credentials every pipeline step gets
-    (sfddm_pipeline._with_run_settings), by reference, and PASSED_ENV's values from `environ`.
+    """trainer.env of the training TrainJobs: the settings and the MLflow credentials every pipeline step
+    gets (sfddm_pipeline._with_run_settings), by reference, and PASSED_ENV's values from `environ`. No S3
+    key: a TrainJob reads its inputs from the training volume and logs through the MLflow server.
     (Imports nothing of kfp: this runs inside a step; see pipelines/settings.py.)"""
     environ = environ or {}
-    sources = [("configMap", SETTINGS_CONFIG_MAP, SETTINGS_ENV), ("configMap", SETTINGS_CONFIG_MAP, MLFLOW_S3_ENV),
-               ("secret", S3_SECRET, S3_SECRET_ENV), ("secret", MLFLOW_SECRET, MLFLOW_SECRET_ENV)]
+    sources = [("configMap", SETTINGS_CONFIG_MAP, SETTINGS_ENV), ("secret", MLFLOW_SECRET, MLFLOW_SECRET_ENV)]
     return trainjob.settings_env(sources, {name: environ.get(name) for name in PASSED_ENV})
 
 
@@ -160,7 +203,8 @@ def review_yaml(stage: str, num_nodes: int, gpus_per_node: int, params_path, ove
     covered += [f"{what} {folder}" for what, folder in (("the training images of", data_dir),
                                                          ("the teacher", teacher_dir)) if folder is not None]
     job_folder = trainjob.job_dir(trainjob.SHARED_MOUNT, body["metadata"]["name"])
-    inputs = ", ".join(["params.yaml", *(f"{folder}/" for _, folder in trainjob.stage_of(stage).inputs)])
+    inputs = ", ".join(["params.yaml", *(name if "." in name else f"{name}/"
+                                         for _, name in trainjob.stage_of(stage).inputs)])
     claim = options.get("claim", trainjob.DEFAULT_CLAIM)
     command = trainjob.stage_of(stage).command
     return (f"# sfddm {command} on {num_nodes} x {gpus_per_node} GPUs (Kubeflow Trainer v2.3).\n"
@@ -212,6 +256,16 @@ class TrainJobs:
                 return False
             raise _api_error(f"cannot create TrainJob {self.namespace}/{body['metadata']['name']}", err) from None
 
+    def set_owner(self, name: str, owners: list) -> bool:
+        """Replace the job's ownerReferences (a merge patch replaces the list); False if it is gone."""
+        try:
+            self.custom.patch_namespaced_custom_object(*self._args(), name, {"metadata": {"ownerReferences": owners}})
+            return True
+        except Exception as err:
+            if getattr(err, "status", None) == 404:
+                return False
+            raise _api_error(f"cannot patch TrainJob {self.namespace}/{name}", err) from None
+
     def delete(self, name: str) -> None:
         try:
             self.custom.delete_namespaced_custom_object(*self._args(), name, propagation_policy="Foreground")
@@ -247,7 +301,8 @@ def _api_error(what: str, err: Exception) -> SfddmError:
 
 
 def state(job: dict) -> tuple[str, str]:
-    """("Complete" | "Failed" | "Suspended" | "Running", reason and message) from a TrainJob's status."""
+    """("Complete" | "Failed" | "Suspended" | "Running", reason and message) from a TrainJob's status, or
+    "Suspended" from its spec (Kueue's webhook suspends it at creation, before Trainer sets a condition)."""
     for condition in (job.get("status") or {}).get("conditions") or []:
         if condition.get("type") in ("Complete", "Failed") and condition.get("status") == "True":
             detail = ": ".join(part for part in (condition.get("reason"), condition.get("message")) if part)
@@ -255,7 +310,41 @@ def state(job: dict) -> tuple[str, str]:
     for condition in (job.get("status") or {}).get("conditions") or []:
         if condition.get("type") == "Suspended" and condition.get("status") == "True":
             return "Suspended", condition.get("reason") or ""
+    if (job.get("spec") or {}).get("suspend"):
+        return "Suspended", ""
     return "Running", ""
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGINT arrived while the launcher held a TrainJob (a BaseException, as KeyboardInterrupt:
+    the API wrappers' `except Exception` must not take it for an API error)."""
+
+
+@contextlib.contextmanager
+def deleting_on_stop(jobs: "TrainJobs", name: str):
+    """Within the block, SIGTERM and SIGINT delete the TrainJob `name` (the delete call itself: the pod may
+    be gone before the garbage collector acts) and fail the step with one line; the previous handlers are
+    restored afterwards. The kubelet sends SIGTERM when KFP's "Terminate run" or a step timeout deletes
+    the pod. Outside the main thread, where Python cannot take signals, the ownerReference alone cleans up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated(signal.Signals(signum).name)
+
+    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    try:
+        yield
+    except Terminated as why:
+        for signum in STOP_SIGNALS:             # a second signal must not interrupt the deletion
+            signal.signal(signum, signal.SIG_IGN)
+        jobs.delete(name)
+        raise SfddmError(f"TrainJob {jobs.namespace}/{name}: deleted on {why} (the run was terminated or the "
+                         "step timed out); the checkpoint is kept, so a retry resumes") from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class Launcher:
@@ -271,7 +360,7 @@ class Launcher:
         self._last_logged: dict = {}
 
     def run(self, body: dict, cfg: config_lib.Config, inputs: dict, shared_root: Path, out_dir: Path,
-            loss_csv: Path, timeout_seconds: float) -> dict:
+            loss_csv: Path, timeout_seconds: float, outputs: Optional[dict] = None) -> dict:
         name = body["metadata"]["name"]
         folder = Path(trainjob.job_dir(shared_root, name))
         trainer = body["spec"]["trainer"]
@@ -279,40 +368,58 @@ class Launcher:
                  f"{trainer['numProcPerNode']} processes, image {trainer['image']}")
         self.say(f"  all pods' logs: kubectl -n {self.jobs.namespace} logs -f -l {JOBSET_LABEL}={name} "
                  f"-c {trainjob.NODE} --prefix --max-log-requests {trainer['numNodes']}")
-        if self.ensure(body, folder, lambda: self.stage_inputs(cfg, inputs, folder)) == "adopted":
-            self.say(f"TrainJob {name}: adopted (started by an earlier try of this step)")
-        job = self.wait(name, timeout_seconds)
-        self.collect(folder, out_dir, loss_csv)
-        self.jobs.delete(name)
+        with deleting_on_stop(self.jobs, name):
+            if self.ensure(body, folder, lambda: self.stage_inputs(cfg, inputs, folder)) == "adopted":
+                self.say(f"TrainJob {name}: adopted (started by an earlier try of this step)")
+            job = self.wait(name, timeout_seconds)
+            self.collect(folder, out_dir, loss_csv, outputs)
+            self.jobs.delete(name)
         shutil.rmtree(folder, ignore_errors=True)
         return job
 
     def ensure(self, body: dict, folder: Path, stage_inputs: Callable[[], None]) -> str:
         """"adopted" when the job exists with this spec and has not failed (and, if Complete, its outputs
         are still there), else "created": any other job of that name is deleted first, and the inputs are
-        staged before the job is submitted."""
+        staged before the job is submitted. An adopted job gets body's owner (this try's pod), replacing
+        the earlier try's, whose deletion would otherwise garbage-collect it; one being deleted (its
+        owner already gone) is waited out and submitted again."""
         name = body["metadata"]["name"]
         existing = self.jobs.get(name)
+        if existing is not None and existing.get("metadata", {}).get("deletionTimestamp"):
+            self.say(f"TrainJob {name}: being deleted (its owner, an earlier try's pod, is gone); submitting it again")
+            self._wait_deleted(name)
+            existing = None
         if existing is not None:
             phase, detail = state(existing)
             same = (existing.get("metadata", {}).get("annotations") or {}).get(trainjob.ANNOTATION_SPEC) == \
                 body["metadata"]["annotations"][trainjob.ANNOTATION_SPEC]
-            if not same:
-                why = "it has another spec"
-            elif phase == "Failed":
-                why = f"it failed ({detail})"
-            elif phase == "Complete" and not (folder / "out").is_dir():
-                why = "it completed but its outputs are gone"
+            why = ("it has another spec" if not same else f"it failed ({detail})" if phase == "Failed" else
+                   "it completed but its outputs are gone" if phase == "Complete" and not (folder / "out").is_dir()
+                   else None)
+            if why is None:
+                if self._take_over(body, existing):
+                    return "adopted"            # else it vanished just now: submitted again below
             else:
-                return "adopted"
-            self.say(f"TrainJob {name}: deleting it, {why}; a new one resumes from the checkpoint")
-            self.jobs.delete(name)
-            self._wait_deleted(name)
+                self.say(f"TrainJob {name}: deleting it, {why}; a new one resumes from the checkpoint")
+                self.jobs.delete(name)
+                self._wait_deleted(name)
         stage_inputs()
         if not self.jobs.create(body):          # another try of this step created it just now
+            self._take_over(body, None)
             return "adopted"
         self.say(f"TrainJob {name}: created")
         return "created"
+
+    def _take_over(self, body: dict, existing: Optional[dict]) -> bool:
+        """Make body's owners (this try's pod) the job's, unless they are already; False if it is gone."""
+        owners = body["metadata"].get("ownerReferences")
+        if not owners or existing is not None and existing.get("metadata", {}).get("ownerReferences") == owners:
+            return True
+        name = body["metadata"]["name"]
+        if not self.jobs.set_owner(name, owners):
+            return False
+        self.say(f"TrainJob {name}: now owned by pod {owners[0]['name']} (this try of the step)")
+        return True
 
     def _wait_deleted(self, name: str) -> None:
         deadline = self.clock() + DELETE_TIMEOUT_SECONDS
@@ -331,13 +438,15 @@ class Launcher:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         config_lib.save(cfg, staging / "params.yaml")
-        for folder_name, source in inputs.items():
-            shutil.copytree(source, staging / folder_name)
+        for name, source in inputs.items():
+            (shutil.copytree if Path(source).is_dir() else shutil.copy2)(source, staging / name)
         staging.rename(folder)
 
     def wait(self, name: str, timeout_seconds: float) -> dict:
         """The job once Complete; SfddmError when it fails, disappears or outlasts timeout_seconds (then
-        it is deleted, freeing its GPUs; the checkpoint stays for a retry)."""
+        it is deleted, freeing its GPUs; the checkpoint stays for a retry). While the job is suspended
+        (queued by Kueue, or preempted back into its queue) it holds no GPUs and the wait goes on without
+        limit; timeout_seconds count from its last admission, as its activeDeadlineSeconds do."""
         started = self.clock()
         deadline = started + timeout_seconds
         last = None
@@ -350,7 +459,7 @@ class Launcher:
             self._forward_log(name)
             if (phase, detail) != last:
                 minutes = (self.clock() - started) / 60
-                self.say(f"TrainJob {name}: {phase}{f' ({detail})' if detail else ''} after {minutes:.0f} min")
+                self.say(f"TrainJob {name}: {self._describe(job, phase, detail)} after {minutes:.0f} min")
                 last = (phase, detail)
             if phase == "Complete":
                 return job
@@ -358,7 +467,9 @@ class Launcher:
                 self._show_tail(name)
                 raise SfddmError(f"TrainJob {self.jobs.namespace}/{name} failed: {detail or 'no reason given'} "
                                  "(its rank-0 log is above; the checkpoint is kept, so a retry resumes)")
-            if self.clock() >= deadline:
+            if phase == "Suspended":
+                deadline = self.clock() + timeout_seconds
+            elif self.clock() >= deadline:
                 self._show_tail(name)
                 self.jobs.delete(name)
                 raise SfddmError(f"TrainJob {self.jobs.namespace}/{name} did not finish within "
@@ -366,6 +477,14 @@ class Launcher:
                                  f"{GRACE_SECONDS // 60} min to schedule); deleted it; the checkpoint is kept, "
                                  "so a retry resumes")
             self.sleep(self.poll_seconds)
+
+    def _describe(self, job: dict, phase: str, detail: str) -> str:
+        queue = (job.get("metadata", {}).get("labels") or {}).get(trainjob.QUEUE_LABEL)
+        if phase == "Suspended" and queue:
+            namespace = self.jobs.namespace
+            return (f"queued by Kueue in LocalQueue {queue}, holding no GPUs until admitted (why: kubectl -n "
+                    f"{namespace} describe localqueue {queue}; kubectl -n {namespace} get workloads)")
+        return f"{phase}{f' ({detail})' if detail else ''}"
 
     def _forward_log(self, name: str, tail_lines: int = FORWARD_LINES) -> None:
         """Print rank 0's log lines that are newer than the last one printed (of its last tail_lines: the
@@ -387,13 +506,17 @@ class Launcher:
         self._forward_log(name, LOG_TAIL_LINES)
 
     @staticmethod
-    def collect(folder: Path, out_dir: Path, loss_csv: Path) -> None:
-        """The trained folder and loss log that rank 0 wrote to the volume, copied to the step's outputs."""
-        if not (folder / "out").is_dir() or not (folder / "loss.csv").is_file():
-            raise SfddmError(f"{folder}: the TrainJob completed but out/ or loss.csv is missing")
+    def collect(folder: Path, out_dir: Path, loss_csv: Path, outputs: Optional[dict] = None) -> None:
+        """The trained folder, the loss log and the stage's other outputs ({name in the job folder: step
+        output path}) that rank 0 wrote to the volume, copied to the step's outputs."""
+        files = {"loss.csv": loss_csv, **(outputs or {})}
+        missing = [name for name in ["out", *files] if not (folder / name).exists()]
+        if missing:
+            raise SfddmError(f"{folder}: the TrainJob completed but {', '.join(missing)} is missing")
         shutil.copytree(folder / "out", out_dir, dirs_exist_ok=True)
-        loss_csv.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(folder / "loss.csv", loss_csv)
+        for name, target in files.items():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(folder / name, target)
 
 
 def _time_key(stamp: str) -> tuple:

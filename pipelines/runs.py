@@ -69,14 +69,15 @@ def run_local(params_path: PathLike = DEFAULT_PARAMS, overrides: Optional[dict] 
 def submit(host: str, params_path: PathLike = DEFAULT_PARAMS, arguments: Optional[dict] = None,
            experiment_name: str = DEFAULT_EXPERIMENT, overrides: Optional[dict] = None,
            run_name: Optional[str] = None, service_account: str = SERVICE_ACCOUNT,
-           image: Optional[str] = None, registry: Optional[str] = None) -> str:
+           image: Optional[str] = None, registry: Optional[str] = None, **variant) -> str:
     """Compile the pipeline and start a run of it on the KFP server at host; return the run id.
 
     image and registry as for compile_pipeline: the default, registry/sfddm:git-<HEAD>, is what
-    `make image push` built and pushed from this commit.
+    `make image push` built and pushed from this commit. variant: training_volume, cpu_only and
+    max_budget_hours, as for build_pipeline.
     """
     params = resolved_params(params_path, overrides)
-    pipeline = build_pipeline(params_path, image=image_lib.resolve(image, registry))
+    pipeline = build_pipeline(params_path, image=image_lib.resolve(image, registry), **variant)
     arguments = _checked_arguments(pipeline, arguments, params)
     client = _connect(host)
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,9 +26,12 @@ GPU_STEP = Resources(cpu="4", memory="16Gi")
 SETTINGS_CONFIG_MAP = "sfddm-pipeline-settings"
 SETTINGS_ENV = {key: key for key in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
                                      "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION")}
-# MLflow reads the S3 endpoint from a variable of its own; the ConfigMap names the store once.
-MLFLOW_S3_ENV = {"AWS_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL"}
-S3_SECRET = "sfddm-mlflow-s3"
+# Optional key: the MLflow UI's address as a browser reaches it, for the link each step shows in the KFP UI
+# (components/mlflow_link.py); without it the link uses MLFLOW_TRACKING_URI, an in-cluster address.
+MLFLOW_UI_ENV = "SFDDM_MLFLOW_UI_URL"
+# The pipeline's own S3 key, read-only on the data bucket sfddm-dvc (a teacher imported from s3://); not
+# MLflow's key (sfddm-mlflow-s3, the server's alone: artifacts go through the server). k8s/secrets.sh.
+S3_SECRET = "sfddm-pipeline-s3"
 S3_SECRET_ENV = {key: key for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
 # The pipeline runner's MLflow user (the server requires authentication; k8s/base/mlflow-auth.yaml).
 MLFLOW_SECRET = "sfddm-mlflow-runner"
@@ -42,3 +45,12 @@ RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
 # launcher.GRACE_SECONDS): the default of the pipeline parameters teacher_budget_hours and
 # distill_budget_hours.
 DEFAULT_BUDGET_HOURS = 24.0
+# The launcher's own pod, read through the downward API (kfp-kubernetes use_field_path_as_env on the
+# training steps): a TrainJob it creates is owned by this pod, so deleting the pod (KFP "Terminate run",
+# a step timeout) lets Kubernetes' garbage collector delete the TrainJob and free its GPUs.
+POD_NAME_ENV = "SFDDM_POD_NAME"
+POD_UID_ENV = "SFDDM_POD_UID"
+POD_FIELDS = {POD_NAME_ENV: "metadata.name", POD_UID_ENV: "metadata.uid"}
+# The Kueue LocalQueue (k8s/overlays/kfp-runs) that admits training TrainJobs as a whole, named on each
+# TrainJob by the kueue.x-k8s.io/queue-name label.
+TRAINING_QUEUE = "sfddm-training"

@@ -14,10 +14,11 @@ Shared storage. The step pod and every TrainJob pod mount one ReadWriteMany Pers
 (k8s/overlays/kfp-runs/training-volume.yaml; its name is the pipeline parameter `training_pvc`) at
 SHARED_MOUNT:
 
-    checkpoints/<stage>/<fingerprint>/state.pt   training state (the library saves and resumes it)
-    jobs/<job name>/{params.yaml,data,teacher}   the step's inputs, copied there by the launcher
-    jobs/<job name>/{out,loss.csv}               what rank 0 writes; the launcher copies it to the
-                                                 step's output artifacts, then removes the folder
+    checkpoints/<stage>/<fingerprint>/state-<step>.pt   training state: the library saves it, keeps
+                                                       the newest two and resumes from it
+    jobs/<job name>/{params.yaml,data,teacher}         the step's inputs, copied there by the launcher
+    jobs/<job name>/{out,loss.csv}                     what rank 0 writes; the launcher copies it to
+                                                       the step's outputs, then removes the folder
 
 The fingerprint names the settings and inputs a checkpoint can be resumed with (the same ones the library
 checks: seed, the stage's params sections, the training images' hash and, for distillation, the
@@ -28,6 +29,12 @@ rename, which a POSIX volume gives every rank as they are, and the inputs and ou
 pods through the same volume; S3 would need a sync loop beside training and a staging step for the
 data. Why ReadWriteMany: the pods of a multi-node job (and the step pod that waits for them) run on
 different nodes at once, and a ReadWriteOnce volume attaches to one node.
+
+Cleanup and queueing. The launcher's TrainJob is owned by the launcher's pod (metadata.ownerReferences,
+`owner_reference`), so Kubernetes' garbage collector deletes it with the step's pod, and it carries
+Kueue's queue label (QUEUE_LABEL: settings.TRAINING_QUEUE), so that Kueue admits all its pods at once or
+keeps it suspended, holding no GPUs, until the quota allows (k8s/overlays/kfp-runs). Without Kueue, or
+with its TrainJob integration off, the label is inert and the job starts at once.
 
 The manifest validates against the Trainer v2.3.0 CRD (tests/data/kubeflow-trainer-v2.3.0), with
 unknown fields as errors: volumes, mounts and GPU placement go through `runtimePatches` (v2.2+; not the
@@ -48,7 +55,7 @@ import yaml
 from sfddm_core import config as config_lib
 from sfddm_core.errors import SfddmError
 
-from .settings import CPU_STEP, GPU_STEP, Resources
+from .settings import CPU_STEP, GPU_STEP, TRAINING_QUEUE, Resources
 
 API_GROUP = "trainer.kubeflow.org"
 API_VERSION = "v1alpha1"
@@ -68,6 +75,7 @@ PATCH_MANAGER = "sfddm.github.io/pipeline"      # runtimePatches are keyed by a 
 LABEL_STAGE = "sfddm.github.io/stage"
 LABEL_RUN = "sfddm.github.io/pipeline-run"
 ANNOTATION_SPEC = "sfddm.github.io/spec-sha256"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"       # Kueue's TrainJob integration: the LocalQueue that admits it
 DEFAULT_NAMESPACE = "kubeflow"          # KFP's run namespace (standalone); the launcher uses its own
 TORCHRUN = ("torchrun", "--no-python", "sfddm")
 MAX_NAME = 63                           # the CRD: an RFC 1035 label of at most 63 characters
@@ -79,12 +87,16 @@ LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 class Stage:
     command: str                # the sfddm subcommand
     sections: tuple             # params sections its checkpoint depends on (as the library's fingerprint)
-    inputs: tuple               # (CLI flag, folder name in the job folder) of its input folders
+    inputs: tuple               # (CLI flag, name in the job folder) of its input folders and files
+    outputs: tuple = ()         # (CLI flag, file name in the job folder) of its outputs besides out/, loss.csv
 
 
 STAGES = {
     "teacher": Stage("train-teacher", ("seed", "teacher"), (("--data", "data"),)),
-    "distill": Stage("distill", ("seed", "student", "distill"), (("--teacher", "teacher"), ("--data", "data"))),
+    # With the FID classifier, distill also measures FID along distillation (dvc.yaml's distill stage).
+    "distill": Stage("distill", ("seed", "student", "distill"),
+                     (("--teacher", "teacher"), ("--data", "data"), ("--classifier", "classifier.pt")),
+                     (("--fid-csv", "fid.csv"),)),
 }
 
 
@@ -173,8 +185,8 @@ def stage_args(stage: str, job_folder: PurePosixPath, checkpoint_dir: PurePosixP
     """The arguments of `sfddm <stage command>` in a TrainJob: everything in the job folder but the
     checkpoint, which lives where every run with these settings finds it."""
     args = ["--params", str(job_folder / "params.yaml")]
-    for flag, folder in stage_of(stage).inputs:
-        args += [flag, str(job_folder / folder)]
+    for flag, name in stage_of(stage).inputs + stage_of(stage).outputs:
+        args += [flag, str(job_folder / name)]
     return args + ["--out", str(job_folder / "out"), "--loss-csv", str(job_folder / "loss.csv"),
                    "--checkpoint-dir", str(checkpoint_dir)]
 
@@ -197,15 +209,27 @@ def settings_env(sources: list, values: Optional[dict] = None) -> list[dict]:
     return env
 
 
+def owner_reference(pod_name: str, pod_uid: str) -> dict:
+    """metadata.ownerReferences entry naming the pod whose deletion deletes the TrainJob (the garbage
+    collector deletes an object once all its owners are gone). Not a controller reference: Kueue takes an
+    object whose controller is a kind it manages (a Pod, with its pod integration on) for that object's
+    child and would not queue it as a job of its own; and no blockOwnerDeletion, which would need the
+    pods/finalizers update right and only delays the pod's deletion."""
+    return {"apiVersion": "v1", "kind": "Pod", "name": pod_name, "uid": pod_uid}
+
+
 def manifest(stage: str, *, name: str, image: str, num_nodes: int, gpus_per_node: int,
              checkpoint_dir: PurePosixPath, namespace: str = DEFAULT_NAMESPACE, claim: str = DEFAULT_CLAIM,
              gpu=None, env: Optional[list] = None, budget_seconds: Optional[int] = None,
-             run_id: Optional[str] = None, root: str = SHARED_MOUNT) -> dict:
-    """The TrainJob that runs `sfddm <stage>` under torchrun on num_nodes pods of gpus_per_node GPUs.
+             run_id: Optional[str] = None, root: str = SHARED_MOUNT, owner: Optional[dict] = None) -> dict:
+    """The TrainJob that runs `sfddm <stage>` under torchrun on num_nodes pods of gpus_per_node GPUs,
+    queued by Kueue in settings.TRAINING_QUEUE.
 
     gpu: a pipelines.gpu_profile.GpuProfile (node selector, toleration, accelerator resource name), or None
     for a job without GPUs. checkpoint_dir: under `root` (checkpoint_path). budget_seconds: the job's
-    activeDeadlineSeconds (Trainer fails it with reason DeadlineExceeded). run_id: labelled on the job.
+    activeDeadlineSeconds (Trainer fails it with reason DeadlineExceeded; the time it waits suspended in
+    Kueue's queue does not count). run_id: labelled on the job. owner: its owner_reference (none for a
+    manifest to review or apply by hand).
     """
     stage_of(stage)
     check_scale(num_nodes, gpus_per_node)
@@ -225,7 +249,7 @@ def manifest(stage: str, *, name: str, image: str, num_nodes: int, gpus_per_node
         pod_patch["nodeSelector"] = {gpu.node_selector_key: gpu.node_selector_value}
         pod_patch["tolerations"] = [{"key": gpu.toleration_key, "operator": gpu.toleration_operator,
                                      "effect": gpu.toleration_effect}]
-    labels = {"app.kubernetes.io/part-of": "sfddm", LABEL_STAGE: stage}
+    labels = {"app.kubernetes.io/part-of": "sfddm", LABEL_STAGE: stage, QUEUE_LABEL: TRAINING_QUEUE}
     if run_id and LABEL_VALUE.fullmatch(run_id) and len(run_id) <= 63:
         labels[LABEL_RUN] = run_id
     job_folder = job_dir(root, name)
@@ -250,6 +274,8 @@ def manifest(stage: str, *, name: str, image: str, num_nodes: int, gpus_per_node
         spec["activeDeadlineSeconds"] = int(budget_seconds)
     body = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND,
             "metadata": {"name": name, "namespace": namespace, "labels": labels}, "spec": spec}
+    if owner is not None:
+        body["metadata"]["ownerReferences"] = [owner]
     body["metadata"]["annotations"] = {ANNOTATION_SPEC: spec_digest(body)}
     return body
 

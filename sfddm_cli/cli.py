@@ -7,6 +7,7 @@ with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +39,12 @@ def _override(text: str) -> tuple[str, object]:
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
     return int(text)
 
 
@@ -94,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="steps the sampler takes (default: all of the model's own; fewer: a trailing subset)")
     sample.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     sample.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
+    serve = command("serve", "serve a registered model over HTTP with `mlflow models serve` (POST /invocations)")
+    serve.set_defaults(func=serve_command)
+    serve.add_argument("--model-uri", default=None,
+                       help="default: models:/<registry.model_name>@champion, from the tracking URI's registry")
+    serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every interface")
+    serve.add_argument("--port", type=_port, default=5001)
 
     bench = commands.add_parser("bench", help="benchmarks against the baselines, into reports/benchmark.md")
     bench.set_defaults(func=bench_command)
@@ -112,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub = benches.add_parser(name, help=help_text, parents=[settings])
         for flag, default in {**paths, "out": "reports"}.items():
             sub.add_argument(f"--{flag.replace('_', '-')}", type=Path, default=Path(default))
-        sub.add_argument("--readme", type=Path, default=None, help="also regenerate this README's results section")
+        sub.add_argument("--results-page", type=Path, default=None,
+                         help="also regenerate this page's generated section (docs/benchmarks.md)")
         if name == "quality":
             sub.add_argument("--profile", choices=("fast", "full"), default="fast",
                              help="fast: minutes per variant on a CPU; full: params.yaml as is (a GPU)")
@@ -133,7 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the image every task runs: REGISTRY/sfddm:git-<commit> or NAME@sha256:<digest> "
                             "(default: REGISTRY/sfddm:git-<HEAD>, refused while image files are uncommitted)")
     image.add_argument("--registry", default=None, help="registry repository of the default (ghcr.io/sfddm)")
-    compile_ = actions.add_parser("compile", parents=[settings, image],
+    variant = _OneLineErrorParser(add_help=False)   # what the compiled pipeline asks of the cluster
+    variant.add_argument("--no-training-volume", dest="training_volume", action="store_false",
+                         help="mount no ReadWriteMany training volume: 1 node x 1 GPU only, a retry starts over")
+    variant.add_argument("--cpu-only", action="store_true", help="request no GPU and no GPU node pool")
+    variant.add_argument("--max-budget-hours", type=float, default=None,
+                         help="the largest teacher/distill budget a run accepts, which sizes the training steps' "
+                              "timeouts (default: DEFAULT_MAX_BUDGET_HOURS of pipelines/sfddm_pipeline.py)")
+    compile_ = actions.add_parser("compile", parents=[settings, image, variant],
                                   help="write the pipeline package; --params gives the default of `params`")
     compile_.add_argument("--out", type=Path, default=Path("pipelines/sfddm_pipeline.yaml"))
     arguments = _OneLineErrorParser(add_help=False)
@@ -142,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_local = actions.add_parser("run-local", parents=[settings, arguments],
                                    help="run the whole pipeline on this machine through kfp.local")
     run_local.add_argument("--root", type=Path, default=Path("kfp-local"), help="where task outputs go")
-    submit = actions.add_parser("submit", parents=[settings, arguments, image],
+    submit = actions.add_parser("submit", parents=[settings, arguments, image, variant],
                                 help="start a run on a Kubeflow Pipelines server")
     submit.add_argument("--host", required=True, help="KFP API address, e.g. http://localhost:8080")
     submit.add_argument("--experiment", default="sfddm")
@@ -209,6 +230,20 @@ def sample_command(args: argparse.Namespace, cfg) -> int:
     return 0
 
 
+def serve_command(args: argparse.Namespace, cfg) -> None:
+    """Become `mlflow models serve` on the model, in this environment (--env-manager local), with the
+    tracking URI sfddm uses. Never returns: exec, so Ctrl-C and a pod's SIGTERM reach the server itself."""
+    from sfddm_core import registry, tracking
+    model_uri = args.model_uri or registry.champion_uri(cfg.registry.model_name)
+    registry.check_servable(model_uri)
+    # The server runs `uvicorn` by name: this environment's, found through PATH.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+               "-h", args.host, "-p", str(args.port)]
+    os.execve(sys.executable, command, env)
+
+
 def bench_command(args: argparse.Namespace, cfg) -> int:
     from sfddm_core import bench, bench_report
     if args.action == "quality":
@@ -223,16 +258,24 @@ def bench_command(args: argparse.Namespace, cfg) -> int:
         bench.step_attribution(cfg, args.teacher, args.student, args.data, args.classifier, args.teacher_samples,
                                args.out)
     report = bench_report.write(args.out)
-    if args.readme:
-        bench_report.update_readme(args.readme, report)
+    if args.results_page:
+        bench_report.update_results_page(args.results_page, report)
     print(report)
     return 0
+
+
+def _variant(args: argparse.Namespace) -> dict:
+    """The compile-time variant of `pipeline compile` / `pipeline submit` (build_pipeline's keywords)."""
+    variant = {"training_volume": args.training_volume, "cpu_only": args.cpu_only}
+    if args.max_budget_hours is not None:
+        variant["max_budget_hours"] = args.max_budget_hours
+    return variant
 
 
 def pipeline_command(args: argparse.Namespace, cfg) -> int:
     import pipelines                # the only command that reaches the pipeline code (and kfp)
     if args.action == "compile":
-        print(pipelines.compile_pipeline(args.out, args.params, args.image, args.registry))
+        print(pipelines.compile_pipeline(args.out, args.params, args.image, args.registry, **_variant(args)))
     elif args.action == "run-local":
         version = pipelines.run_local(args.params, dict(args.overrides), args.root, dict(args.arguments))
         print(f"registered model version {version}")
@@ -244,7 +287,8 @@ def pipeline_command(args: argparse.Namespace, cfg) -> int:
                                    budget_hours=args.budget_hours), end="")
     else:
         print(pipelines.submit(args.host, args.params, dict(args.arguments), args.experiment,
-                               overrides=dict(args.overrides), image=args.image, registry=args.registry))
+                               overrides=dict(args.overrides), image=args.image, registry=args.registry,
+                               **_variant(args)))
     return 0
 
 

@@ -541,8 +541,8 @@ def preemption(cfg: Config, teacher_dir: Path, data_dir: Path, out_dir: Path, pr
             for process in [psutil.Process(victim.pid), *psutil.Process(victim.pid).children(recursive=True)]:
                 process.kill()
             victim.wait()
-            state = Path(tmp) / f"ck-killed-{n}" / "state.pt"
-            resumed_at = torch.load(state, weights_only=True)["step"] if state.is_file() else 0
+            saves = training.checkpoint_in(Path(tmp) / f"ck-killed-{n}", 1, {}, 1).saved()
+            resumed_at = saves[0][0] if saves else 0                # the newest save, which the rerun resumes
             rerun = timed(command(n, f"killed-{n}"))
             rows[str(n)] = {"scratch_s": round(scratch, 1), "rerun_s": round(rerun, 1),
                             "rerun_over_scratch": round(rerun / scratch, 3), "resumed_at": resumed_at}

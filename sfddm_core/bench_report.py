@@ -1,8 +1,9 @@
 """reports/benchmark.md and its plots, rendered from the JSON of `sfddm bench quality` and `bench speed`;
-and the README's results section, generated from reports/benchmark.md."""
+and the results page's generated section (docs/benchmarks.md), from reports/benchmark.md."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -14,7 +15,8 @@ from .io import atomic_file, atomic_write_text
 from .methods import METHODS
 
 PROFILES = ("fast", "full")            # bench.PROFILES, in report order
-README_BEGIN, README_END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
+RESULTS_BEGIN, RESULTS_END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
+SERVING_BEGIN, SERVING_END = "<!-- serving:begin -->", "<!-- serving:end -->"   # benchmarks/serving.py's section
 # (SFDDM variants, the progressive variant) at equal T': where SFDDM's FID curves first reach progressive's final FID
 PROGRESSIVE_PAIRS = ((("base", "iterations=1900"), "progressive"), (("steps=10",), "progressive steps=10"))
 
@@ -284,21 +286,31 @@ def write(out_dir: Path) -> Path:
     path = out_dir / "benchmark.md"
     atomic_write_text(path, render(qualities, _load(out_dir / "bench" / "speed.json"),
                                    _load(out_dir / "bench" / "preemption.json"),
-                                   _load(out_dir / "bench" / "attribution.json")))
+                                   _load(out_dir / "bench" / "attribution.json")) + _serving_section(path))
     return path
 
 
-def readme_section(benchmark_md: str, report_dir: str = "reports") -> str:
-    """benchmark.md as the README's results section: headings one level down, paths from the root."""
+def _serving_section(benchmark_md: Path) -> str:
+    """The section benchmarks/serving.py wrote into benchmark_md (between its markers), kept when the
+    rest is rendered again; "" when there is none."""
+    text = benchmark_md.read_text() if benchmark_md.is_file() else ""
+    begin, end = text.find(SERVING_BEGIN), text.find(SERVING_END)
+    return "\n" + text[begin:end + len(SERVING_END)] + "\n" if 0 <= begin < end else ""
+
+
+def results_section(benchmark_md: str, report_dir: str) -> str:
+    """benchmark.md as a page's generated section: headings one level down, plot paths from the page."""
     body = benchmark_md.split("\n", 1)[1]                           # without its own title
     body = re.sub(r"^(#+) ", r"#\1 ", body, flags=re.MULTILINE)
     return re.sub(r"\]\((benchmark_[^)]+)\)", rf"]({report_dir}/\1)", body).strip()
 
 
-def update_readme(readme: Path, benchmark_md: Path) -> None:
-    text = readme.read_text()
-    begin, end = text.find(README_BEGIN), text.find(README_END)
+def update_results_page(page: Path, benchmark_md: Path) -> None:
+    """Replace the block between RESULTS_BEGIN and RESULTS_END of `page` with benchmark_md's section."""
+    text = page.read_text()
+    begin, end = text.find(RESULTS_BEGIN), text.find(RESULTS_END)
     if begin < 0 or end < begin:
-        raise ValueError(f"{readme}: no {README_BEGIN} ... {README_END} block to fill")
-    section = readme_section(benchmark_md.read_text())
-    atomic_write_text(readme, text[:begin + len(README_BEGIN)] + "\n" + section + "\n" + text[end:])
+        raise ValueError(f"{page}: no {RESULTS_BEGIN} ... {RESULTS_END} block to fill")
+    report_dir = Path(os.path.relpath(benchmark_md.resolve().parent, page.resolve().parent)).as_posix()
+    section = results_section(benchmark_md.read_text(), report_dir)
+    atomic_write_text(page, text[:begin + len(RESULTS_BEGIN)] + "\n" + section + "\n" + text[end:])

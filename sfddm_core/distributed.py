@@ -128,6 +128,27 @@ def gather(array: np.ndarray) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def broadcast(value):
+    """Rank 0's value (any picklable object) on every rank: what rank 0 alone decides, e.g. the checkpoint
+    that every rank resumes from."""
+    if world().size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def first_error(message):
+    """The message of the lowest rank that passes one (None: no rank did), on every rank, so that a step
+    that fails on some ranks stops all of them together instead of leaving the others waiting in the next
+    collective until TIMEOUT."""
+    if world().size == 1:
+        return message
+    messages = [None] * world().size
+    dist.all_gather_object(messages, message)
+    return next((text for text in messages if text is not None), None)
+
+
 def barrier() -> None:
     if world().size > 1:
         dist.barrier()

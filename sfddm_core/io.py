@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -90,13 +91,80 @@ def sha256_tree(path: PathLike) -> str:
     return digest.hexdigest()
 
 
+# How a container learns that it was given GPUs (a pod requesting nvidia.com/gpu, `docker run --gpus`):
+# - NVIDIA_VISIBLE_DEVICES names them, as the NVIDIA device plugin's "envvar" strategy sets it (GPU UUIDs or
+#   indices) or its "volume-mounts" strategy (a folder whose entries name them). The image does not set it
+#   (components/Dockerfile; its python:slim base is no CUDA image), so a CPU pod has none.
+# - Injected through CDI (the GPU Operator's default since v25.10: device-list strategy
+#   "cdi-annotations,cdi-cri"), the GPUs' device nodes /dev/nvidia<N> are there and NVIDIA_VISIBLE_DEVICES
+#   is "void" (the toolkit's CDI spec sets it, pkg/nvcdi/wrapper.go). So "void", like unset, "" and "none",
+#   names no GPUs, and the device nodes are looked at as well.
+GPU_GRANT = "NVIDIA_VISIBLE_DEVICES"
+NO_GPUS = ("", "void", "none")
+DEVICE_NODES = Path("/dev")
+GPU_NODE = re.compile(r"nvidia[0-9]+")      # one per GPU; not nvidiactl, nvidia-uvm, nvidia-modeset, nvidia-caps
+# The oldest Linux driver that runs each CUDA major version (NVIDIA's minor version compatibility table:
+# https://docs.nvidia.com/deploy/cuda-compatibility/minor-version-compatibility.html). torch's wheels bring
+# their CUDA runtime (requirements.lock's nvidia-* pins); the node brings the driver.
+MIN_LINUX_DRIVER = {"11": "450", "12": "525", "13": "580"}
+
+
 def resolve_device(name: str) -> torch.device:
-    """auto: CUDA when a GPU is present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda was asked for but no CUDA GPU is visible; use auto or cpu")
-    return torch.device(name)
+    """The device every stage trains, samples and serves on. auto: CUDA when torch can use a GPU, else the CPU,
+    except in a container (or on a machine) that was given GPUs (gpus_given) which torch cannot use: that is
+    refused, naming why, rather than quietly training on the CPU for hours. cuda: refused the same way without
+    a usable GPU."""
+    if name not in ("auto", "cuda"):
+        return torch.device(name)
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return torch.device("cuda")
+    given = gpus_given()
+    if name == "auto" and not given:
+        return torch.device("cpu")
+    unusable = f"torch cannot use a GPU ({_why_cuda_is_unusable()})"
+    if name == "cuda":
+        raise ConfigError(f"device: cuda was asked for but {unusable}; use device: cpu, or run where torch can "
+                          "use a GPU")
+    raise SfddmError(f"device: auto in a container given GPUs ({given}), but {unusable}; "
+                     "refusing to fall back to the CPU (set device: cpu to train there on purpose)")
+
+
+def gpus_given() -> str:
+    """How this container was given GPUs ("NVIDIA_VISIBLE_DEVICES=GPU-..." or "device nodes /dev/nvidia0"),
+    "" when it was given none."""
+    value = os.environ.get(GPU_GRANT, "").strip()
+    if value.lower() not in NO_GPUS:
+        if value.startswith("/"):        # the device plugin's volume-mounts strategy
+            folder = Path(value)
+            value = ",".join(sorted(entry.name for entry in folder.iterdir())) if folder.is_dir() else value
+        return f"{GPU_GRANT}={value}"
+    nodes = sorted((path for path in DEVICE_NODES.glob("nvidia*") if GPU_NODE.fullmatch(path.name)),
+                   key=lambda path: int(path.name.removeprefix("nvidia")))
+    return f"device nodes {', '.join(map(str, nodes))}" if nodes else ""
+
+
+def _why_cuda_is_unusable() -> str:
+    """torch's own reason (its first sentence), the CUDA version torch is built for and the driver that needs,
+    and CUDA_VISIBLE_DEVICES if set. The reason comes from torch.cuda.init(), which checks again on each call:
+    the warning torch.cuda.is_available() emits comes once per process, and not at all when no driver is found."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is built without CUDA"
+    try:
+        torch.cuda.init()
+        reason = f"torch sees {torch.cuda.device_count()} CUDA devices"
+    except (RuntimeError, AssertionError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0].rstrip(".")
+        found = re.search(r"found version (\d+)", reason)
+        if found:       # cudaDriverGetVersion's number: the newest CUDA the driver runs, 1000 * major + 10 * minor
+            version = int(found.group(1))
+            reason += f": the node's driver runs CUDA {version // 1000}.{version % 1000 // 10} at most"
+    parts = [reason, f"torch {torch.__version__} is built for CUDA {torch.version.cuda}"]
+    driver = MIN_LINUX_DRIVER.get(torch.version.cuda.split(".")[0])
+    if driver:
+        parts[-1] += f", which needs NVIDIA driver >= {driver}"
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        parts.append(f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r} limits what it sees")
+    return "; ".join(parts)
 
 
 def student_provenance(folder: PathLike) -> dict:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
 import tempfile
 import time
@@ -27,6 +29,7 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Optional, Union
+from urllib.parse import unquote
 
 from . import tracking
 from .errors import SfddmError
@@ -167,8 +170,9 @@ def log_student_model(student_dir: Path, image_shape: tuple[int, int, int], metr
 
     The diffusers folder is the artifact "student", its model card completed with the measured FID and
     KID. A copy of sfddm_core travels with the model (code_paths), so loading it needs the pinned
-    requirements but not this project installed. The input example (two images, seed 0) is run once
-    by MLflow when logging, which checks that the logged model loads and predicts.
+    requirements but not this project installed. The input example (two requests: two images from
+    seed 0, one from seed 2) is run once by MLflow when logging, which checks that the logged model
+    loads and predicts, and shows callers a batch of requests.
     """
     import pandas as pd
     from mlflow import pyfunc
@@ -186,13 +190,14 @@ def log_student_model(student_dir: Path, image_shape: tuple[int, int, int], metr
         return Model.log(artifact_path=None, name="student", flavor=pyfunc, run_id=run_id,
                          python_model=str(SERVING_CODE), artifacts={"student": str(student)},
                          code_paths=[str(package)], signature=serving_signature(image_shape),
-                         input_example=pd.DataFrame({"num_images": [2], "seed": [0]}),
+                         input_example=pd.DataFrame({"num_images": [2, 1], "seed": [0, 2]}),
                          pip_requirements=serving_requirements())
 
 
 def serving_signature(image_shape: tuple[int, int, int]):
-    """Input columns num_images, seed (long) and optional num_inference_steps (long); output uint8 images
-    (num_images, H, W, C), ready for PIL, a quarter of the size of float32."""
+    """Input columns num_images, seed (long) and optional num_inference_steps (long), a request per row;
+    output uint8 images (the rows' num_images summed, H, W, C), ready for PIL, a quarter of the size of
+    float32 (serving.py)."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
@@ -357,6 +362,32 @@ def _upsert(write, *args) -> None:
             if err.error_code != "BAD_REQUEST" or attempt == UPSERT_ATTEMPTS:
                 raise
             time.sleep(0.1 * attempt)
+
+
+# ---- serving ----
+
+def champion_uri(model_name: str) -> str:
+    return f"models:/{model_name}@{CHAMPION}"
+
+
+def check_servable(model_uri: str) -> None:
+    """One line (SfddmError) before a scoring server starts on a models:/NAME@ALIAS URI that names no
+    version: no database at a sqlite tracking URI (MLflow would create an empty one), no such model, no
+    such alias. Other URIs are left to MLflow."""
+    import mlflow
+    alias_uri = re.fullmatch(r"models:/([^/@]+)@([^/@]+)", model_uri)
+    if alias_uri is None:
+        return
+    uri = tracking.tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(unquote(uri[len("sqlite:///"):])).is_file():
+        raise SfddmError(f"{uri}: no MLflow database there; register a student first (sfddm register, "
+                         "make run) or set MLFLOW_TRACKING_URI")
+    for name, value in tracking.HTTP_DEFAULTS.items():     # fail in seconds, not MLflow's minutes of retries
+        os.environ.setdefault(name, value)
+    name, alias = alias_uri.groups()
+    with tracking.mlflow_errors(f"looking up {model_uri}"):
+        if _alias_version(mlflow.MlflowClient(uri), name, alias) is None:
+            raise SfddmError(f"{name} has no @{alias} version; promote one first (sfddm promote)")
 
 
 # ---- registry look-ups (each a one-line SfddmError when the thing is missing) ----

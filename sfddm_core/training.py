@@ -1,12 +1,14 @@
 """The training loop shared by teacher training and distillation: Adam, EMA, progress bar, loss log,
-checkpoints that survive preemption (resumed bit for bit), a stop on a non-finite loss, and data
-parallelism over the processes torchrun starts (sfddm_core.distributed)."""
+checkpoints that survive preemption (resumed bit for bit, from the save rank 0 picks; the newest
+KEEP_CHECKPOINTS saves kept), a stop on a non-finite loss, and data parallelism over the processes
+torchrun starts (sfddm_core.distributed)."""
 from __future__ import annotations
 
 import copy
 import csv
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -24,7 +26,11 @@ from .errors import SfddmError
 from .io import atomic_file
 
 CHECKPOINT_FORMAT = "sfddm-training-state-1"
-CHECKPOINT_FILE = "state.pt"
+CHECKPOINT_FILE = "state.pt"         # each save: state-<step, 8 digits>.pt
+KEEP_CHECKPOINTS = 2        # saves kept: the one before the newest is resumed if the newest is unreadable
+# How long a rank waits to see the save that rank 0 resumes from: an NFS client caches a folder's
+# entries (and a name's absence) for up to acdirmax, 60 s by default.
+VISIBLE_WAIT_SECONDS = 60.0
 NOT_FINGERPRINTED = ("checkpoint_every", "checkpoint_seconds")   # when state is saved does not change the result
 CHECKPOINTS_PER_RUN = 10    # checkpoint_every: null saves this many times per run (and by checkpoint_seconds)
 
@@ -35,7 +41,11 @@ class Checkpoint:
     have passed since the last save; 0: not by time), and the fingerprint (a flat dict of the settings
     and input hashes that determine training) a resume must match.
 
-    remove_at_end: fit deletes the file after the last update; a caller that writes its output after
+    path names the series: the save at step n is <path's folder>/<path's stem>-<n, 8 digits><suffix>
+    (state.pt: state-00000120.pt), written once and never overwritten, so that every rank opens the
+    very file rank 0 chose; after each save the newest `keep` are kept and older ones deleted.
+
+    remove_at_end: fit deletes the saves after the last update; a caller that writes its output after
     fit returns passes False and calls remove() once the output is in place (a kill in between then
     costs only the updates since the last save, not the whole run).
     extra: the caller's own objects whose state loss_fn depends on (e.g. a counter it logs), each with
@@ -46,11 +56,32 @@ class Checkpoint:
     remove_at_end: bool = True
     extra: tuple = ()
     seconds: float = 0.0
+    keep: int = KEEP_CHECKPOINTS
+
+    def file_at(self, step: int) -> Path:
+        return self.path.with_name(f"{self.path.stem}-{step:08d}{self.path.suffix}")
+
+    def saved(self) -> list[tuple[int, Path]]:
+        """(step, file) of the saves in the folder, newest first."""
+        name = re.compile(rf"{re.escape(self.path.stem)}-(\d+){re.escape(self.path.suffix)}")
+        found = [(int(match[1]), file) for file in self.path.parent.glob(f"{self.path.stem}-*")
+                 if (match := name.fullmatch(file.name))]
+        return sorted(found, reverse=True)
+
+    def _delete(self, saves: list[tuple[int, Path]]) -> None:
+        """Delete these saves and the temporary files of saves killed before their rename (io.atomic_file
+        names them .<file>.<random>)."""
+        temporary = re.compile(rf"\.{re.escape(self.path.stem)}-\d+{re.escape(self.path.suffix)}\..+")
+        stale = [file for file in self.path.parent.glob(f".{self.path.stem}-*") if temporary.fullmatch(file.name)]
+        for file in [file for _, file in saves] + stale:
+            file.unlink(missing_ok=True)
+
+    def prune(self) -> None:
+        """Keep the newest `keep` saves (rank 0, which alone writes, right after a save)."""
+        self._delete(self.saved()[self.keep:])
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-        for stale in self.path.parent.glob(f".{self.path.name}.*"):     # temp files of killed saves
-            stale.unlink(missing_ok=True)
+        self._delete(self.saved())
         try:
             self.path.parent.rmdir()            # only if now empty
         except OSError:
@@ -59,7 +90,7 @@ class Checkpoint:
 
 def checkpoint_in(directory: Optional[Path], every: Optional[int], fingerprint: dict, iterations: int,
                   seconds: float = 0.0, remove_at_end: bool = True, extra: tuple = ()) -> Optional[Checkpoint]:
-    """The Checkpoint of a stage (directory/state.pt), or None when checkpointing is off (no directory,
+    """The Checkpoint of a stage (directory/state-<step>.pt), or None when checkpointing is off (no directory,
     or every == 0). every None: CHECKPOINTS_PER_RUN times over `iterations`."""
     if directory is None or every == 0:
         return None
@@ -119,9 +150,12 @@ def fit(model: torch.nn.Module, loss_fn: Callable[[int, np.random.Generator, tor
 
     checkpoint: every checkpoint.every updates, and once checkpoint.seconds have passed since the last
     save, rank 0 writes the full state (weights, EMA, optimizer, step, loss log, numpy and torch RNG
-    states, seconds, fingerprint) atomically to checkpoint.path; when that file exists at the start,
-    every rank resumes from it (and repeats the uninterrupted run exactly) if its fingerprint equals
-    checkpoint.fingerprint, and is refused otherwise. Nothing in it depends on the number of processes,
+    states, seconds, fingerprint) atomically to checkpoint.file_at(step) and deletes saves older than
+    the newest checkpoint.keep. At the start, rank 0 picks the newest readable save (one before it when
+    the newest cannot be read, saying so) and broadcasts its step; every rank loads that same file,
+    waiting up to VISIBLE_WAIT_SECONDS for its filesystem to show it, and all ranks stop together with
+    one line if one cannot; the run then repeats the uninterrupted run exactly. A save whose fingerprint
+    differs from checkpoint.fingerprint is refused. Nothing in it depends on the number of processes,
     so a run may resume on another count that divides the batch. A non-finite loss on any rank stops
     every rank with an SfddmError and leaves the last good checkpoint in place.
 
@@ -144,17 +178,19 @@ def fit(model: torch.nn.Module, loss_fn: Callable[[int, np.random.Generator, tor
     optimizer = torch.optim.Adam(model.parameters(), lr=lr_at(0))
     ema = EMAModel(model.parameters(), decay=ema_decay)
     log, seconds, start = [], 0.0, 0
-    saved = None                        # step the checkpoint file resumes at
-    if checkpoint is not None and checkpoint.path.exists():
-        start, log, seconds = _load_state(checkpoint, model, optimizer, ema, rng)
+    saved = None                        # step the newest save resumes at
+    state = _resume(checkpoint, desc) if checkpoint is not None else None
+    if state is not None:
+        start, log, seconds = _restore(state, checkpoint, model, optimizer, ema, rng)
         saved = start
         if ranks.main:
-            tqdm.write(f"{desc}: resuming from {checkpoint.path} at step {start} of {iterations}", file=sys.stderr)
+            tqdm.write(f"{desc}: resuming from {checkpoint.file_at(start)} at step {start} of {iterations}",
+                       file=sys.stderr)
     net = distributed.wrap(model)       # after loading: DDP starts every rank from rank 0's weights
     last_save = time.monotonic()
 
     def stop(what, step):
-        kept = (f"the last good checkpoint {checkpoint.path} (resumes at step {saved}) is kept"
+        kept = (f"the last good checkpoint {checkpoint.file_at(saved)} (resumes at step {saved}) is kept"
                 if saved is not None else "no checkpoint had been saved yet")
         raise SfddmError(f"{desc}: {what} at step {step}; {kept}; lower the learning rate or set "
                          "grad_clip (and delete the checkpoint to start over with other settings)")
@@ -203,7 +239,8 @@ def fit(model: torch.nn.Module, loss_fn: Callable[[int, np.random.Generator, tor
 
 
 def _save_state(checkpoint: Checkpoint, step: int, model, optimizer, ema: EMAModel, rng, log, seconds):
-    """Write the whole training state to a temporary file next to checkpoint.path, fsync, rename."""
+    """Write the whole training state to a temporary file, fsync, rename it to checkpoint.file_at(step),
+    fsync the folder, then prune the saves beyond checkpoint.keep."""
     state = {
         "format": CHECKPOINT_FORMAT,
         "fingerprint": checkpoint.fingerprint,
@@ -219,11 +256,11 @@ def _save_state(checkpoint: Checkpoint, step: int, model, optimizer, ema: EMAMod
         "seconds": seconds,
         "extra": [obj.state_dict() for obj in checkpoint.extra],
     }
-    with atomic_file(checkpoint.path, "wb") as handle:
+    with atomic_file(checkpoint.file_at(step), "wb") as handle:
         torch.save(state, handle)
         handle.flush()
         os.fsync(handle.fileno())
-    try:                                # make the rename itself durable
+    try:                                # make the rename itself durable before older saves go
         folder = os.open(checkpoint.path.parent, os.O_RDONLY)
         try:
             os.fsync(folder)
@@ -231,26 +268,85 @@ def _save_state(checkpoint: Checkpoint, step: int, model, optimizer, ema: EMAMod
             os.close(folder)
     except OSError:
         pass
+    checkpoint.prune()
 
 
-def _load_state(checkpoint: Checkpoint, model, optimizer, ema: EMAModel, rng) -> tuple[int, list, float]:
-    """Restore a saved state into model, optimizer, ema and rng; returns (step, log, seconds)."""
-    path = checkpoint.path
+def _read_state(path: Path) -> tuple[Optional[dict], str]:
+    """(the training state saved in path, "") or (None, why it cannot be read)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:            # noqa: BLE001 - any unreadable file gets the same advice
-        raise SfddmError(f"{path}: unreadable training checkpoint ({str(err).splitlines()[0][:120]}); "
-                         "delete it to start training over") from None
+    except Exception as err:            # noqa: BLE001 - any unreadable file is treated alike
+        return None, str(err).splitlines()[0][:120] if str(err) else type(err).__name__
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise SfddmError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint; delete it to start training over")
-    saved, wanted = state["fingerprint"], checkpoint.fingerprint
+        return None, f"not a {CHECKPOINT_FORMAT} checkpoint"
+    return state, ""
+
+
+def _newest_state(checkpoint: Checkpoint, desc: str) -> Optional[dict]:
+    """Rank 0's pick: the newest readable save (None: there is none), refused if saved with other settings."""
+    saved = checkpoint.saved()
+    unreadable = []
+    for step, path in saved:
+        state, why = _read_state(path)
+        if state is None:
+            unreadable.append(f"{path}: unreadable training checkpoint ({why})")
+            continue
+        if unreadable:
+            tqdm.write(f"{desc}: {unreadable[0]}; resuming from the save before it", file=sys.stderr)
+        _check_fingerprint(state, checkpoint.fingerprint, path)
+        return state
+    if unreadable:
+        others = f", as are the {len(unreadable) - 1} older ones" if len(unreadable) > 1 else ""
+        raise SfddmError(f"{unreadable[0]}{others}; delete {'them' if others else 'it'} to start training over")
+    return None
+
+
+def _resume(checkpoint: Checkpoint, desc: str) -> Optional[dict]:
+    """The state every rank resumes from (None: none saved): rank 0 picks it and broadcasts its step, and
+    each other rank loads that step's file, so that all agree even where a rank's view of the shared
+    folder lags (or shows a save that rank 0 does not). A failure on any rank stops every rank, with
+    the first one's line."""
+    ranks = distributed.world()
+    state, failure = None, None
+    if ranks.main:
+        try:
+            state = _newest_state(checkpoint, desc)
+        except SfddmError as err:
+            failure = str(err)
+    chosen = distributed.broadcast({"step": state and state["step"], "failure": failure})
+    if chosen["failure"]:
+        raise SfddmError(chosen["failure"])
+    if chosen["step"] is None:
+        return None
+    problem = None
+    if not ranks.main:
+        path, waited = checkpoint.file_at(chosen["step"]), time.monotonic() + VISIBLE_WAIT_SECONDS
+        while not path.exists() and time.monotonic() < waited:
+            time.sleep(1.0)
+        state, why = _read_state(path)
+        if state is None:
+            problem = (f"rank {ranks.rank}: {path}, which rank 0 resumes from, cannot be read here ({why}); "
+                       "is the checkpoint folder on a volume that every node mounts?")
+    problem = distributed.first_error(problem)
+    if problem:
+        raise SfddmError(problem)
+    return state
+
+
+def _check_fingerprint(state: dict, wanted: dict, path: Path) -> None:
+    saved = state["fingerprint"]
     differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k, "(unset)") != wanted.get(k, "(unset)"))
     if differ:
         shown = "; ".join(f"{k}: {_short(saved.get(k, '(unset)'))} there, {_short(wanted.get(k, '(unset)'))} now"
                           for k in differ[:4])
         more = f"; and {len(differ) - 4} more" if len(differ) > 4 else ""
         raise SfddmError(f"{path}: this checkpoint (resumes at step {state['step']}) was saved with other settings "
-                         f"({shown}{more}); delete it to start over, or restore those settings to resume")
+                         f"({shown}{more}); delete the saves in {path.parent} to start over, or restore those settings "
+                         "to resume")
+
+
+def _restore(state: dict, checkpoint: Checkpoint, model, optimizer, ema: EMAModel, rng) -> tuple[int, list, float]:
+    """Restore a saved state into model, optimizer, ema, rng and checkpoint.extra; returns (step, log, seconds)."""
     device = next(model.parameters()).device
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

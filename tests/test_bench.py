@@ -1,4 +1,4 @@
-"""The benchmark's bookkeeping by hand: compute, targets, the report and the README generated from it;
+"""The benchmark's bookkeeping by hand: compute, targets, the report and the results page generated from it;
 the attribution's hybrid samplers against the samplers they are made of."""
 import json
 from pathlib import Path
@@ -87,25 +87,28 @@ def test_mean_sd_over_reruns_and_without():
     assert bench_report.mean_sd({"fid": 5.0}) == (5.0, 0.0)
 
 
-def test_readme_section_demotes_headings_and_roots_image_paths():
+def test_results_section_demotes_headings_and_points_plots_at_the_report_folder():
     md = "# Benchmark\n\nintro\n\n## Quality\n\n![a](benchmark_fast_fid_vs_nfe.png)\n"
-    assert bench_report.readme_section(md) == "intro\n\n### Quality\n\n![a](reports/benchmark_fast_fid_vs_nfe.png)"
+    assert bench_report.results_section(md, "../reports") == \
+        "intro\n\n### Quality\n\n![a](../reports/benchmark_fast_fid_vs_nfe.png)"
 
 
-def test_update_readme_replaces_only_the_marked_block(tmp_path):
-    readme, report = tmp_path / "README.md", tmp_path / "benchmark.md"
-    readme.write_text(f"top\n{bench_report.README_BEGIN}\nold\n{bench_report.README_END}\nbottom\n")
-    report.write_text("# Benchmark\n\nnew numbers\n")
-    bench_report.update_readme(readme, report)
-    assert readme.read_text() == (f"top\n{bench_report.README_BEGIN}\nnew numbers\n"
-                                  f"{bench_report.README_END}\nbottom\n")
+def test_update_results_page_replaces_only_the_marked_block(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "reports").mkdir()
+    page, report = tmp_path / "docs" / "benchmarks.md", tmp_path / "reports" / "benchmark.md"
+    page.write_text(f"top\n{bench_report.RESULTS_BEGIN}\nold\n{bench_report.RESULTS_END}\nbottom\n")
+    report.write_text("# Benchmark\n\nnew numbers ![p](benchmark_x.png)\n")
+    bench_report.update_results_page(page, report)
+    assert page.read_text() == (f"top\n{bench_report.RESULTS_BEGIN}\nnew numbers ![p](../reports/benchmark_x.png)\n"
+                                f"{bench_report.RESULTS_END}\nbottom\n")
 
 
-def test_readme_results_are_generated_from_the_committed_report():
-    readme = (ROOT / "README.md").read_text()
-    begin = readme.index(bench_report.README_BEGIN) + len(bench_report.README_BEGIN)
-    section = readme[begin:readme.index(bench_report.README_END)].strip()
-    assert section == bench_report.readme_section((ROOT / "reports/benchmark.md").read_text())
+def test_results_page_is_generated_from_the_committed_report():
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    begin = page.index(bench_report.RESULTS_BEGIN) + len(bench_report.RESULTS_BEGIN)
+    section = page[begin:page.index(bench_report.RESULTS_END)].strip()
+    assert section == bench_report.results_section((ROOT / "reports/benchmark.md").read_text(), "../reports")
 
 
 def test_unknown_variant_is_refused(tmp_path):

@@ -10,7 +10,9 @@ from kfp import dsl
 from PIL import Image
 
 import components
-from components.reports import fid_table_markdown, sample_grids_html
+from components.mlflow_link import mlflow_run_markdown
+from pipelines.settings import MLFLOW_UI_ENV
+from components.reports import fid_curve_html, fid_table_markdown, sample_grids_html
 from sfddm_core import config
 from sfddm_core.errors import ConfigError
 
@@ -45,18 +47,20 @@ def test_resolve_config_refuses_a_bad_setting_naming_its_key():
 @pytest.mark.slow      # real stages
 def test_prepare_data_then_train_teacher(tmp_path, tiny_config):
     dataset = dsl.Dataset(uri=str(tmp_path / "dataset"))
-    components.prepare_data.python_func(config=tiny_config, dataset=dataset)
+    components.prepare_data.python_func(config=tiny_config, dataset=dataset,
+                                        mlflow_run=dsl.Markdown(uri=str(tmp_path / "prepare_mlflow_run")))
     assert dataset.metadata["shape"] == [1, 8, 8] and dataset.metadata["counts"]["test"] > 0
 
     teacher_model = dsl.Model(uri=str(tmp_path / "teacher"))
     loss_log = dsl.Dataset(uri=str(tmp_path / "loss"))
     components.train_teacher.python_func(config=tiny_config, dataset=dataset, teacher_model=teacher_model,
-                                         loss_log=loss_log)
+                                         loss_log=loss_log, mlflow_run=dsl.Markdown(uri=str(tmp_path / "mlflow_run")))
     assert (tmp_path / "teacher" / "unet").is_dir()
     # The resolved config is written next to the model, as by `sfddm train-teacher`.
     saved = config.load(tmp_path / "teacher" / "sfddm_config.yaml")
     assert saved == config.from_dict(json.loads(tiny_config))
     assert len((tmp_path / "loss").read_text().splitlines()) == 1 + TINY_PARAMS["teacher"]["iterations"]
+    assert "tracking is off" in (tmp_path / "mlflow_run").read_text()       # SFDDM_TRACKING=off here
 
 
 def test_fid_table_lists_every_sampler_and_what_the_fid_depends_on():
@@ -79,3 +83,35 @@ def test_sample_grids_page_inlines_every_png(tmp_path):
     encoded = [part.split('"')[0] for part in page.split("data:image/png;base64,")[1:]]
     assert len(encoded) == 2 and "<figcaption>teacher vs student</figcaption>" in page
     assert Image.open(io.BytesIO(base64.b64decode(encoded[0]))).size == (9, 9)
+
+
+def test_fid_curve_page_plots_fid_and_kid_along_distillation(tmp_path):
+    (tmp_path / "fid.csv").write_text("step,fid,kid\n60,80.5,0.05\n600,31.25,0.012\n")
+    page = fid_curve_html(str(tmp_path / "fid.csv"), "FID from 500 samples, features: classifier")
+    assert page.count("<svg") == 1 and "FID from 500 samples" in page
+    assert "<tr><td>600</td><td>31.25</td><td>0.012</td></tr>" in page
+
+
+@pytest.mark.slow      # an MLflow store
+def test_mlflow_link_names_this_pipeline_runs_stage_run_at_the_ui_address(tmp_path, monkeypatch):
+    from sfddm_core import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("SFDDM_TRACKING", "on")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv(MLFLOW_UI_ENV, raising=False)
+    runs = {}
+    for pipeline_run in ("run-a", "run-b"):        # the same stage in two pipeline runs
+        monkeypatch.setenv("SFDDM_PIPELINE_RUN", pipeline_run)
+        with tracking.stage_run("prepare") as run:
+            runs[pipeline_run] = run
+    local = mlflow_run_markdown("prepare")          # a local store: the run id and how to see it
+    assert f"run {runs['run-b'].run_id} in experiment {runs['run-b'].experiment_id}" in local
+    monkeypatch.setenv(MLFLOW_UI_ENV, "https://mlflow.example.com/")
+    monkeypatch.setenv("SFDDM_PIPELINE_RUN", "run-a")
+    link = mlflow_run_markdown("prepare")
+    assert (f"(https://mlflow.example.com/#/experiments/{runs['run-a'].experiment_id}/runs/"
+            f"{runs['run-a'].run_id})") in link
+    assert "not found" in mlflow_run_markdown("evaluate")
+    monkeypatch.setenv("SFDDM_TRACKING", "off")
+    assert "tracking is off" in mlflow_run_markdown("prepare")

@@ -1,19 +1,26 @@
 """Data-parallel training under torchrun (gloo on CPU): N processes make one process's updates, rank 0
-alone writes, a killed N-process run resumes past its middle, and two torchrun agents configured only
-by Kubeflow Trainer's PET_* variables train like one process."""
+alone writes, a killed N-process run resumes past its middle, ranks resume from the save rank 0 picks
+whatever their own view of the folder, and two torchrun agents configured only by Kubeflow Trainer's
+PET_* variables train like one process."""
 import csv
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing
 import yaml
 
 from conftest import TINY_PARAMS, merged
-from sfddm_core import config, data, models
+from sfddm_core import config, data, models, training
+from sfddm_core.errors import SfddmError
 
 BIN = Path(sys.executable).parent
 KILL_AT_STEP = Path(__file__).resolve().parent / "kill_at_step.py"     # runs sfddm, killed at a step
@@ -146,13 +153,13 @@ def test_a_killed_two_process_distillation_resumes_past_its_middle(project):
                              str(kill_at), *args], cwd=project, env=environment(), capture_output=True, text=True,
                             timeout=600)
     assert killed.returncode != 0 and "Signal 9 (SIGKILL)" in killed.stderr, killed.stderr[-3000:]
-    state = project / "checkpoints-killed" / "state.pt"
-    resumed_at = saved_step(state)
-    assert resumed_at == 24 and 0.5 * iterations < resumed_at < iterations and not (project / "killed").exists()
+    [(resumed_at, state)] = training.Checkpoint(project / "checkpoints-killed" / "state.pt", 1, {}).saved()[:1]
+    assert saved_step(state) == resumed_at == 24 and 0.5 * iterations < resumed_at < iterations
+    assert not (project / "killed").exists()
     rerun = sfddm(project, *args)
     assert f"resuming from {state} at step {resumed_at} of {iterations}" in rerun.stderr
     assert relative_error(outputs(project / "killed"), outputs(project / "whole")) < TOLERANCE
-    assert not state.exists()
+    assert not state.parent.exists()
 
 
 def free_port() -> int:
@@ -177,3 +184,71 @@ def test_two_nodes_configured_like_kubeflow_trainer(project, tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
     assert relative_error(outputs(project / "nodes"), outputs(project / "single")) < TOLERANCE
     assert not any(node_folder.iterdir())
+
+
+class Preempted(Exception):
+    pass
+
+
+def fit_linear(folder: Path, iterations: int = 12, crash_at=None, keep: int = training.KEEP_CHECKPOINTS):
+    """fit on a 3 -> 2 linear model, saving every 3 updates to folder (the same on every rank)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+
+    def loss_fn(step, rng, net):
+        if step == crash_at:
+            raise Preempted
+        x = torch.as_tensor(rng.normal(size=(8, 3)), dtype=torch.float32)
+        return {"loss": (net(x) - 1).pow(2).mean()}
+    checkpoint = training.Checkpoint(folder / training.CHECKPOINT_FILE, 3, {"lr": 0.1}, keep=keep)
+    return training.fit(model, loss_fn, iterations, 0.1, 0.9, seed=0, desc=f"rank {dist.get_rank()}"
+                        if dist.is_initialized() else "one", checkpoint=checkpoint)
+
+
+def resume_in_a_group(rank: int, root: str) -> None:
+    """torch.multiprocessing.spawn's worker: rank `rank` of 2 (gloo), resuming from its own folder, which
+    stands for its view of the shared one; it writes what it saw to root/result-<rank>.json."""
+    root = Path(root)
+    dist.init_process_group("gloo", init_method=f"file://{root / 'rendezvous'}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    training.VISIBLE_WAIT_SECONDS = 0.5
+    result = {}
+    try:
+        _, log = fit_linear(root / f"lagging-{rank}")
+        result["steps"] = [entry["step"] for entry in log]
+        result["resumed_log"] = log[:6]
+        try:
+            fit_linear(root / f"missing-{rank}")
+        except SfddmError as err:
+            result["missing"] = str(err)
+    finally:
+        (root / f"result-{rank}.json").write_text(json.dumps(result))
+        dist.destroy_process_group()
+
+
+def test_ranks_resume_from_the_save_rank_0_picks(tmp_path):
+    """Saves at 3, 6 and 9 from a run preempted at update 10. Rank 0's view of the folder lags (3 and 6
+    only), rank 1's shows 9 too: both resume at 6, and run the same updates to the end (a rank resuming
+    at 9 would leave the other waiting in a collective). Where rank 1 does not see rank 0's pick at
+    all, both stop with the same line instead of hanging."""
+    with pytest.raises(Preempted):
+        fit_linear(tmp_path / "saves", crash_at=10, keep=5)
+    saves = dict(training.Checkpoint(tmp_path / "saves" / training.CHECKPOINT_FILE, 3, {}).saved())
+    assert sorted(saves) == [3, 6, 9]
+    views = {"lagging-0": (3, 6), "lagging-1": (3, 6, 9), "missing-0": (3, 6), "missing-1": (3,)}
+    for folder, steps in views.items():
+        (tmp_path / folder).mkdir()
+        for step in steps:
+            shutil.copy(saves[step], tmp_path / folder / saves[step].name)
+    expected_log = torch.load(saves[6], weights_only=True)["log"]
+
+    torch.multiprocessing.spawn(resume_in_a_group, args=(str(tmp_path),), nprocs=2, join=True)
+
+    results = [json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in (0, 1)]
+    for result in results:
+        assert result["steps"] == list(range(12))
+        assert result["resumed_log"] == expected_log                # both loaded the save at 6
+    missing = tmp_path / "missing-1" / saves[6].name
+    assert results[0]["missing"] == results[1]["missing"]
+    assert results[0]["missing"].startswith(f"rank 1: {missing}, which rank 0 resumes from, cannot be read here")
+    assert len(results[0]["missing"].splitlines()) == 1

@@ -3,9 +3,14 @@
 Every kustomization (base and each overlay) is rendered with `kubectl kustomize` and
 the rendered objects are checked: resources, pinned images, no Secrets (k8s/secrets.sh
 makes them, run here against a stand-in kubectl), references between objects, probes,
-the MLflow server settings and its authentication, the object store, PostgreSQL, the GPU
-node profile and quota, the pipeline-runner RBAC, and what training TrainJobs need in the run
-namespace (tests/test_trainjob.py validates the TrainingRuntime against the Trainer CRD).
+the MLflow server settings, its authentication and schema upgrades, the object store and its
+per-client S3 identities (the identity file rendered from the script's Secrets, judged by
+SeaweedFS's permission rule), PostgreSQL, the network policies (evaluated against the pods'
+labels), the GPU node profile, the GPU quota against the compiled pipeline's concurrent GPU
+steps and Kueue's ClusterQueue (Kueue objects validated against its v0.19.2 CRDs), the
+pipeline-runner RBAC against the calls the training launcher makes, the CPU-only path, and
+what training TrainJobs need in the run namespace (tests/test_trainjob.py validates the
+TrainingRuntime against the Trainer CRD).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import base64
 import fnmatch
 import functools
+import inspect
+import itertools
 import json
 import os
 import re
@@ -20,9 +27,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import jsonschema
 import pytest
 import yaml
+
+from pipelines import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -32,11 +43,16 @@ pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installe
 
 NAMESPACE = "sfddm"
 OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))
-# Targets that deploy the sfddm stack (namespace sfddm); kfp-runs only adds the
-# pipeline-runner identity to KFP's namespace.
-STACKS = ["base"] + [o for o in OVERLAYS if o != "kfp-runs"]
-TARGETS = STACKS + (["kfp-runs"] if "kfp-runs" in OVERLAYS else [])
+# What pipeline runs need in KFP's run namespace: with GPUs and Kubeflow Trainer, or CPU-only.
+RUN_OVERLAYS = ["kfp-runs", "kfp-runs-cpu"]
+# Cluster-scoped objects, applied once by a cluster admin (Kueue's ClusterQueue).
+CLUSTER_OVERLAYS = ["kueue"]
+# Targets that deploy the sfddm stack (namespace sfddm).
+STACKS = ["base"] + [o for o in OVERLAYS if o not in RUN_OVERLAYS + CLUSTER_OVERLAYS]
+TARGETS = STACKS + RUN_OVERLAYS + CLUSTER_OVERLAYS
+RUNNER_TARGETS = STACKS + RUN_OVERLAYS      # those with the pipeline-runner identity
 RUN_NAMESPACE = "kubeflow"      # overlays/kfp-runs, and k8s/secrets.sh's default
+KUEUE_SCHEMAS = Path(__file__).parent / "data" / "kueue-v0.19.2"
 COMPILED_PIPELINE = ROOT / "pipelines" / "sfddm_pipeline.yaml"
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod"}
 MLFLOW_HOST = "mlflow.sfddm.svc.cluster.local"
@@ -148,12 +164,20 @@ def test_renders_valid_unique_objects(target):
         seen.add(key)
 
 
+def test_every_overlay_is_a_known_target():
+    assert sorted(TARGETS) == sorted(["base"] + OVERLAYS)
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_everything_namespaced_in_one_namespace(target):
-    expected = "kubeflow" if target == "kfp-runs" else NAMESPACE
+    expected = RUN_NAMESPACE if target in RUN_OVERLAYS else NAMESPACE
     for d in render(target):
         if d["kind"] == "Namespace":
             assert d["metadata"]["name"] == NAMESPACE
+            continue
+        if d["kind"] in KUEUE_KINDS and kueue_crd(d["kind"])["scope"] == "Cluster":
+            # Cluster-scoped: no namespace (kustomize would add one to a kind it does not know).
+            assert "namespace" not in d["metadata"], (d["kind"], d["metadata"]["name"])
             continue
         assert d["metadata"].get("namespace") == expected, (d["kind"], d["metadata"]["name"])
 
@@ -294,7 +318,7 @@ def test_long_running_containers_have_probes(target):
                         assert probe[handler]["port"] in port_names, (c["name"], probe_name)
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", RUNNER_TARGETS)
 def test_rbac_bindings_resolve(target):
     docs = render(target)
     for rb in find(docs, "RoleBinding"):
@@ -306,7 +330,19 @@ def test_rbac_bindings_resolve(target):
             assert s["namespace"] == sa["metadata"]["namespace"] == rb["metadata"]["namespace"]
 
 
-@pytest.mark.parametrize("target", TARGETS)
+def role_rights(role: dict) -> dict:
+    """{(API group, resource): verbs} that the Role grants (rules without resourceNames)."""
+    rights: dict = {}
+    for rule in role["rules"]:
+        if rule.get("resourceNames"):
+            continue
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                rights.setdefault((group, resource), set()).update(rule["verbs"])
+    return rights
+
+
+@pytest.mark.parametrize("target", RUNNER_TARGETS)
 def test_pipeline_runner_identity(target):
     docs = render(target)
     one(docs, "ServiceAccount", "sfddm-pipeline-runner")
@@ -321,15 +357,11 @@ def test_pipeline_runner_identity(target):
                     return True
         return False
 
-    assert allows("pods", "get") and allows("pods", "list")
-    assert allows("pods/log", "get")
-    # The training steps' launcher: TrainJobs of its runs, and the runtime they reference.
-    for verb in ("create", "get", "list", "watch", "delete"):
-        assert allows("trainjobs", verb), verb
-    assert allows("trainingruntimes", "get") and allows("trainingruntimes", "list")
+    assert not any("*" in rule["verbs"] or "*" in rule["resources"] for rule in role["rules"])
     assert allows("workflowtaskresults", "create")
-    assert allows("secrets", "get", "sfddm-mlflow-s3")
-    assert allows("secrets", "get", "sfddm-mlflow-runner")
+    assert allows("secrets", "get", settings.S3_SECRET)
+    assert allows("secrets", "get", settings.MLFLOW_SECRET)
+    assert not allows("secrets", "get", "sfddm-mlflow-s3")        # MLflow's own S3 key
     assert allows("configmaps", "get", "sfddm-pipeline-settings")
     assert allows("configmaps", "get", "sfddm-gpu-profile")
     # Read rights on secrets are limited to named ones.
@@ -337,43 +369,299 @@ def test_pipeline_runner_identity(target):
         if "secrets" in rule["resources"]:
             assert rule.get("resourceNames"), "secrets readable without resourceNames"
             assert set(rule["verbs"]) <= {"get"}
-    settings = one(docs, "ConfigMap", "sfddm-pipeline-settings")["data"]
-    assert settings["MLFLOW_TRACKING_URI"] == f"http://{MLFLOW_HOST}:5000"
-    assert settings["AWS_ENDPOINT_URL"] == "http://seaweedfs.sfddm.svc.cluster.local:8333"
+    # The pipeline creates and deletes no claims (no kfp-kubernetes CreatePVC / DeletePVC task).
+    executors = next(yaml.safe_load_all(COMPILED_PIPELINE.read_text()))["deploymentSpec"]["executors"]
+    assert not [name for name in executors if "createpvc" in name or "deletepvc" in name]
+    assert not role_rights(role)[("", "persistentvolumeclaims")] & {"create", "delete", "update", "patch"}
+    settings_map = one(docs, "ConfigMap", "sfddm-pipeline-settings")["data"]
+    assert settings_map["MLFLOW_TRACKING_URI"] == f"http://{MLFLOW_HOST}:5000"
+    assert settings_map["AWS_ENDPOINT_URL"] == "http://seaweedfs.sfddm.svc.cluster.local:8333"
 
 
-def test_kfp_runs_overlay_targets_kubeflow_without_secrets():
-    if "kfp-runs" not in OVERLAYS:
-        pytest.skip("no kfp-runs overlay")
-    docs = render("kfp-runs")
-    assert not find(docs, "Secret"), "kfp-runs must not template Secrets (re-apply would overwrite them)"
-    assert not workloads(docs)
+class RecordingApi:
+    """A stand-in for the kubernetes client's CustomObjectsApi or CoreV1Api that records the name and
+    arguments of every call; only methods that the real class has can be called."""
+
+    def __init__(self, real_class, calls: list, answers: dict):
+        self._real, self._calls, self._answers = real_class, calls, answers
+
+    def __getattr__(self, method):
+        assert hasattr(self._real, method), f"{self._real.__name__} has no method {method}"
+
+        def call(*args, **kwargs):
+            self._calls.append((method, args))
+            return self._answers.get(method)
+        return call
 
 
-def test_gpu_quota_is_where_pipeline_pods_run():
-    """Pipeline pods run as the pipeline-runner service account in KFP's run namespace: a
-    GPU quota anywhere else (the sfddm namespace) caps nothing they request."""
+# The kubernetes client's namespaced methods, as the API server's (resource, verb).
+CLIENT_VERBS = {"create": "create", "get": "get", "read": "get", "patch": "patch", "replace": "update",
+                "delete": "delete", "list": "list"}
+
+
+def rights_of(calls: list) -> dict:
+    """{(API group, resource): verbs} of recorded client calls."""
+    rights: dict = {}
+    for method, args in calls:
+        m = re.fullmatch(r"(create|get|read|patch|replace|delete|list)_namespaced_(custom_object|pod_log|pod)", method)
+        assert m, f"a client call this test cannot map to a right: {method}"
+        verb, kind = CLIENT_VERBS[m[1]], m[2]
+        # (group, version, namespace, plural, ...) for custom objects
+        key = (args[0], args[3]) if kind == "custom_object" else ("", {"pod": "pods", "pod_log": "pods/log"}[kind])
+        rights.setdefault(key, set()).add(verb)
+    return rights
+
+
+def test_runner_role_grants_exactly_what_the_launcher_calls():
+    """Every method of pipelines/launcher.py's TrainJobs runs against recording stand-ins of the client
+    APIs; the calls it makes, as (resource, verb), are granted by the runner's Role, and the Role grants
+    nothing more on Kubeflow Trainer's resources or pod logs. (Pods' other verbs are KFP's.)"""
+    from kubernetes import client
+
+    from pipelines import launcher, trainjob
+
+    calls: list = []
+    rank0 = SimpleNamespace(metadata=SimpleNamespace(
+        name="sfddm-distill-0123456789-node-0-0-abcde", creation_timestamp="2026-01-01T00:00:00Z",
+        labels={launcher.JOBSET_LABEL: "sfddm-distill-0123456789", launcher.NODE_INDEX_LABEL: "0"}))
+    jobs = launcher.TrainJobs(
+        RUN_NAMESPACE, RecordingApi(client.CustomObjectsApi, calls, {"get_namespaced_custom_object": {}}),
+        RecordingApi(client.CoreV1Api, calls, {"list_namespaced_pod": SimpleNamespace(items=[rank0]),
+                                                "read_namespaced_pod_log": "2026-01-01T00:00:01Z step 1\n"}))
+    name = "sfddm-distill-0123456789"
+    arguments = {"name": name, "body": {"metadata": {"name": name}}, "tail_lines": 10,
+                 "owners": [trainjob.owner_reference("step-pod", "0000-1111")]}
+    methods = [m for m, f in vars(launcher.TrainJobs).items() if callable(f) and not m.startswith("_")]
+    assert {"create", "get", "delete", "rank0_log"} <= set(methods)
+    for method in methods:
+        parameters = list(inspect.signature(getattr(jobs, method)).parameters)
+        unknown = set(parameters) - set(arguments)
+        assert not unknown, f"TrainJobs.{method} takes {unknown}: give this test a value for it"
+        getattr(jobs, method)(**{p: arguments[p] for p in parameters})
+    used = rights_of(calls)
+    assert used == launcher.API_RIGHTS, "launcher.API_RIGHTS differs from the calls TrainJobs makes"
+
+    for target in RUNNER_TARGETS:
+        granted = role_rights(one(render(target), "Role", "sfddm-pipeline-runner"))
+        for key, verbs in used.items():
+            assert verbs <= granted.get(key, set()), (target, key, verbs - granted.get(key, set()))
+        trainer = {key: verbs for key, verbs in granted.items() if key[0] == trainjob.API_GROUP}
+        assert trainer == {key: verbs for key, verbs in used.items() if key[0] == trainjob.API_GROUP}, target
+        assert granted[("", "pods/log")] == used[("", "pods/log")], target
+        # Pods: the launcher lists them; KFP's driver and Argo's executor get, watch and patch them.
+        assert granted[("", "pods")] == used[("", "pods")] | {"get", "watch", "patch"}, target
+
+
+def test_kfp_runs_overlays_target_kubeflow_without_secrets():
+    for target in RUN_OVERLAYS:
+        docs = render(target)
+        assert not find(docs, "Secret"), f"{target} must not template Secrets (re-apply would overwrite them)"
+        assert not workloads(docs)
+
+
+# --------------------------------------------------------------------------- GPU budget and Kueue
+
+
+KUEUE_KINDS = {"ResourceFlavor": "resourceflavors", "ClusterQueue": "clusterqueues", "LocalQueue": "localqueues"}
+
+
+@functools.lru_cache(maxsize=None)
+def kueue_crd(kind: str) -> dict:
+    """Kueue's v1beta2 CRD schema of `kind` (tests/data/kueue-v0.19.2), with its scope."""
+    plural = KUEUE_KINDS[kind]
+    document = json.loads((KUEUE_SCHEMAS / f"kueue.x-k8s.io_{plural}.schema.json").read_text())
+    assert document["crd"] == f"{plural}.kueue.x-k8s.io" and document["version"] == "v1beta2"
+    assert "tag v0.19.2" in document["source"]
+    scope = re.search(r"\(scope (Cluster|Namespaced)\)", document["source"])[1]
+    return {**document, "scope": scope}
+
+
+def kueue_problems(doc: dict) -> list[str]:
+    """What the API server would refuse in a Kueue object: schema errors with unknown fields as errors
+    (test_trainjob.strict), and the one CEL rule of these CRDs that an object like ours can break."""
+    from test_trainjob import strict
+
+    validator = jsonschema.Draft7Validator(strict(kueue_crd(doc["kind"])["openAPIV3Schema"]))
+    found = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    for group in doc.get("spec", {}).get("resourceGroups", []):
+        for flavor in group["flavors"]:
+            # CEL "flavors must have the same number of resources as the coveredResources", and Kueue's
+            # webhook: in the same order.
+            if [r["name"] for r in flavor["resources"]] != group["coveredResources"]:
+                found.append(f"flavor {flavor['name']}: resources differ from coveredResources")
+    return found
+
+
+def kueue_objects() -> dict:
+    docs = render("kueue") + render("kfp-runs")
+    return {kind: find(docs, kind) for kind in KUEUE_KINDS}
+
+
+def test_kueue_objects_validate_against_the_crds():
+    objects = kueue_objects()
+    assert all(objects.values()), objects
+    for kind, docs in objects.items():
+        for doc in docs:
+            assert doc["apiVersion"] == "kueue.x-k8s.io/v1beta2"
+            assert kueue_problems(doc) == [], (kind, doc["metadata"]["name"])
+    # Fields of the old v1beta1 API, or misspelt ones, are refused.
+    [queue] = objects["ClusterQueue"]
+    assert kueue_problems({**queue, "spec": {**queue["spec"], "cohort": "x"}})
+    assert kueue_problems({**queue, "spec": {**queue["spec"], "resourceGroups": [
+        {**queue["spec"]["resourceGroups"][0], "coveredResources": ["cpu"]}]}})
+
+
+def test_trainjobs_queue_in_a_local_queue_of_the_run_namespace():
+    """The LocalQueue that TrainJobs name (settings.TRAINING_QUEUE) is in the run namespace and feeds a
+    ClusterQueue that admits from that namespace, with a flavor that exists."""
+    from pipelines import trainjob
+
+    objects = kueue_objects()
+    [local] = objects["LocalQueue"]
+    assert local["metadata"]["name"] == settings.TRAINING_QUEUE
+    assert local["metadata"]["namespace"] == RUN_NAMESPACE
+    [cluster_queue] = [q for q in objects["ClusterQueue"] if q["metadata"]["name"] == local["spec"]["clusterQueue"]]
+    assert selects(cluster_queue["spec"]["namespaceSelector"], namespace_labels(RUN_NAMESPACE))
+    assert not selects(cluster_queue["spec"]["namespaceSelector"], namespace_labels("default"))
+    flavors = {f["metadata"]["name"] for f in objects["ResourceFlavor"]}
+    assert {f["name"] for g in cluster_queue["spec"]["resourceGroups"] for f in g["flavors"]} <= flavors
+    body = _largest_trainjob()
+    assert body["metadata"]["labels"][trainjob.QUEUE_LABEL] == settings.TRAINING_QUEUE
+
+
+def _largest_trainjob() -> dict:
+    """The TrainJob of docs/kubeflow.md's largest example, distill on 2 nodes x 4 GPUs."""
+    from pipelines import launcher
+    from sfddm_core import config
+
+    cfg = config.load(ROOT / "params.yaml")
+    return launcher.review_manifest("distill", 2, 4, cfg, "ghcr.io/sfddm/sfddm:git-0123456789ab")
+
+
+def cluster_queue_quota(cluster_queue: dict) -> dict:
+    """{resource: nominal quota} of a ClusterQueue of one flavor per resource group."""
+    quota = {}
+    for group in cluster_queue["spec"]["resourceGroups"]:
+        [flavor] = group["flavors"]
+        for resource in flavor["resources"]:
+            quota[resource["name"]] = quantity("cpu" if resource["name"] != "memory" else "memory",
+                                               resource["nominalQuota"])
+    return quota
+
+
+def test_cluster_queue_admits_the_largest_trainjob_whole():
+    """Kueue admits a TrainJob only when every resource its pods request is covered by the ClusterQueue
+    and fits the quota: docs/kubeflow.md's 2 x 4 job does."""
+    [cluster_queue] = [q for q in kueue_objects()["ClusterQueue"] if q["metadata"]["name"] == "sfddm-training"]
+    quota = cluster_queue_quota(cluster_queue)
+    trainer = _largest_trainjob()["spec"]["trainer"]
+    for resource, value in trainer["resourcesPerNode"]["requests"].items():
+        kind = "memory" if resource == "memory" else "cpu"
+        assert resource in quota, f"{resource}: requested by TrainJob pods, not covered by the ClusterQueue"
+        assert trainer["numNodes"] * quantity(kind, value) <= quota[resource], resource
+    assert quota["nvidia.com/gpu"] >= 2 * 4
+
+
+def pipeline_gpu_tasks() -> tuple[dict, dict, set]:
+    """From the compiled pipeline: {GPU task: its GPU count, an int or "plan" for the training steps, which
+    training_plan sizes at run time}, {task: the tasks it waits for, directly or not}, and the tasks that
+    may start a TrainJob (the plan-sized ones)."""
+    spec = next(yaml.safe_load_all(COMPILED_PIPELINE.read_text()))
+    tasks = spec["root"]["dag"]["tasks"]
+    gpus = {}
+    for name, task in tasks.items():
+        executor = spec["deploymentSpec"]["executors"][spec["components"][task["componentRef"]["name"]]["executorLabel"]]
+        accelerator = executor["container"].get("resources", {}).get("accelerator")
+        if accelerator:
+            count = accelerator["resourceCount"]
+            gpus[name] = "plan" if "pipelinechannel--training-plan-" in count else int(count)
+    before = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
+    changed = True
+    while changed:          # transitive closure
+        changed = False
+        for name in before:
+            more = set().union(*(before[d] for d in before[name])) - before[name]
+            if more:
+                before[name] |= more
+                changed = True
+    return gpus, before, {name for name, count in gpus.items() if count == "plan"}
+
+
+def concurrent_gpus(gpus: dict, before: dict, plan_gpus: int) -> int:
+    """The most GPUs that the pipeline's pods hold at once: the heaviest set of GPU tasks no two of which
+    wait for each other, the plan-sized ones counted at plan_gpus."""
+    names = sorted(gpus)
+    best = 0
+    for size in range(1, len(names) + 1):
+        for group in itertools.combinations(names, size):
+            if all(a not in before[b] and b not in before[a] for a, b in itertools.combinations(group, 2)):
+                best = max(best, sum(plan_gpus if gpus[n] == "plan" else gpus[n] for n in group))
+    return best
+
+
+def test_gpu_quota_fits_the_steps_that_run_at_once_beside_an_admitted_trainjob():
+    """The run namespace's GPU quota holds what a run's pods request at once: its GPU steps that do not
+    wait for each other (sample-teacher beside distill), the training steps sized by training_plan, plus,
+    when a TrainJob trains, the ClusterQueue's whole GPU quota (Kueue admits TrainJobs within it). So an
+    admitted TrainJob's pods are never refused by the quota, which would leave it half-started."""
+    from pipelines import trainjob
+    from sfddm_core import config
+
     docs = render("kfp-runs")
     runner = one(docs, "ServiceAccount", "sfddm-pipeline-runner")
-    quotas = [q for q in find(docs, "ResourceQuota") if "requests.nvidia.com/gpu" in q["spec"]["hard"]]
-    assert len(quotas) == 1
-    quota = quotas[0]
+    [quota] = [q for q in find(docs, "ResourceQuota") if "requests.nvidia.com/gpu" in q["spec"]["hard"]]
     assert quota["metadata"]["namespace"] == runner["metadata"]["namespace"] == RUN_NAMESPACE
-    # No GPU step of the pipeline asks for more than the quota allows (it would never start). The
-    # training steps' counts come from the training_plan step at run time: 1 to train in their pod,
-    # 0 while a TrainJob trains (tests/test_pipeline.py); the TrainJob's pods count then, and the
-    # quota fits the README's example of 2 nodes x 4 GPUs.
-    pipeline_spec = next(yaml.safe_load_all(COMPILED_PIPELINE.read_text()))
-    counts = [e["container"]["resources"]["accelerator"]["resourceCount"]
-              for e in pipeline_spec["deploymentSpec"]["executors"].values()
-              if "accelerator" in e["container"].get("resources", {})]
-    counts = [1 if "pipelinechannel--training-plan-" in count else int(count) for count in counts]
-    gpus = quantity("cpu", quota["spec"]["hard"]["requests.nvidia.com/gpu"])
-    assert counts and max(counts) <= gpus and 2 * 4 <= gpus
-    # The stacks in namespace sfddm, where no pipeline pod runs, hold no GPU quota.
-    for target in STACKS:
+    quota_gpus = quantity("cpu", quota["spec"]["hard"]["requests.nvidia.com/gpu"])
+
+    gpus, before, trainers = pipeline_gpu_tasks()
+    assert gpus and trainers
+    # One TrainJob at a time in a run: the steps that can start one wait for each other.
+    assert all(a in before[b] or b in before[a] for a, b in itertools.combinations(sorted(trainers), 2))
+    cfg = config.load(ROOT / "params.yaml")
+    in_pod = {trainjob.placement(cfg, stage, 1, 1).gpus for stage in trainjob.STAGES}
+    on_trainer = {trainjob.placement(cfg, stage, 2, 4).gpus for stage in trainjob.STAGES}
+    assert in_pod == {1} and on_trainer == {0}
+    [cluster_queue] = [q for q in kueue_objects()["ClusterQueue"] if q["metadata"]["name"] == "sfddm-training"]
+    trainjob_gpus = cluster_queue_quota(cluster_queue)["nvidia.com/gpu"]
+
+    at_one_by_one = concurrent_gpus(gpus, before, 1)
+    with_a_trainjob = concurrent_gpus(gpus, before, 0) + trainjob_gpus
+    assert (at_one_by_one, with_a_trainjob) == (2, 1 + trainjob_gpus)     # as gpu-quota.yaml spells out
+    assert quota_gpus == max(at_one_by_one, with_a_trainjob)
+    # The stacks in namespace sfddm, where no pipeline pod runs, and the CPU-only path hold no GPU quota.
+    for target in STACKS + ["kfp-runs-cpu"]:
         for q in find(render(target), "ResourceQuota"):
             assert "requests.nvidia.com/gpu" not in q["spec"]["hard"], (target, q["metadata"]["name"])
+
+
+def test_cpu_only_path_needs_no_gpus_no_trainer_and_no_rwx_claim():
+    """overlays/kfp-runs-cpu: the runner's identity and settings, and the training volume the pipeline
+    mounts (its default training_pvc) as ReadWriteOnce from the default class; no GPU quota, Trainer
+    runtime or Kueue queue."""
+    from pipelines import trainjob
+
+    docs = render("kfp-runs-cpu")
+    one(docs, "ServiceAccount", "sfddm-pipeline-runner")
+    one(docs, "ConfigMap", "sfddm-pipeline-settings")
+    claim = one(docs, "PersistentVolumeClaim", trainjob.DEFAULT_CLAIM)
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert "storageClassName" not in claim["spec"]       # the cluster's default class
+    kinds = {d["kind"] for d in docs}
+    assert not kinds & {"ResourceQuota", "TrainingRuntime", "LocalQueue", "ClusterQueue"}, kinds
+    assert "nvidia.com/gpu" not in yaml.safe_dump_all(docs)
+    # The kfp-runs overlay differs in what multi-node training needs, not in the runner's rights.
+    full = render("kfp-runs")
+    assert one(full, "Role", "sfddm-pipeline-runner")["rules"] == one(docs, "Role", "sfddm-pipeline-runner")["rules"]
+    assert one(full, "PersistentVolumeClaim", trainjob.DEFAULT_CLAIM)["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_training_runtime_pods_get_no_istio_sidecar():
+    """In a multi-user Kubeflow, profile namespaces inject Istio sidecars: the TrainJob pods opt out
+    (torchrun's rendezvous and NCCL connect pod to pod, and a sidecar keeps a finished pod running)."""
+    [runtime] = find(render("kfp-runs"), "TrainingRuntime")
+    for job in runtime["spec"]["template"]["spec"]["replicatedJobs"]:
+        pod = job["template"]["spec"]["template"]
+        assert pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false", job["name"]
 
 
 # --------------------------------------------------------------------------- MLflow
@@ -587,6 +875,222 @@ def test_bucket_job_creates_the_buckets(target):
     assert env_map(c)["AWS_ENDPOINT_URL"]["value"] == "http://seaweedfs.sfddm.svc.cluster.local:8333"
 
 
+# --------------------------------------------------------------------------- network and S3 keys
+
+
+# Kubeflow Pipelines v2 puts this label on every pod of a run, drivers and tasks (the Argo workflow's
+# podMetadata, backend/src/v2/compiler/argocompiler).
+KFP_POD_LABELS = {"pipelines.kubeflow.org/v2_component": "true"}
+
+
+def namespace_labels(namespace: str) -> dict:
+    return {"kubernetes.io/metadata.name": namespace}        # the API server sets it on every namespace
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) applied to labels; {} selects all."""
+    assert set(selector) <= {"matchLabels", "matchExpressions"}, selector
+    if any(labels.get(key) != value for key, value in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        matched = {"In": key in labels and labels[key] in values,
+                   "NotIn": key not in labels or labels[key] not in values,
+                   "Exists": key in labels, "DoesNotExist": key not in labels}[operator]
+        if not matched:
+            return False
+    return True
+
+
+def admits(policy: dict, namespace: str, labels: dict, port: int) -> bool:
+    """Whether ingress NetworkPolicy `policy` lets a pod with `labels` in `namespace` connect to TCP `port`
+    of the pods it selects (a peer's podSelector alone means the policy's own namespace)."""
+    for rule in policy["spec"].get("ingress", []):
+        if rule.get("ports") and not any(p["port"] == port and p.get("protocol", "TCP") == "TCP" for p in rule["ports"]):
+            continue
+        if not rule.get("from"):
+            return True
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer, "a policy by address: this test only evaluates selectors"
+            if "namespaceSelector" in peer:
+                in_namespace = selects(peer["namespaceSelector"], namespace_labels(namespace))
+            else:
+                in_namespace = namespace == policy["metadata"]["namespace"]
+            if in_namespace and selects(peer.get("podSelector", {}), labels):
+                return True
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def pipeline_pod_labels() -> dict:
+    """The labels of a pipeline task's pod: KFP's, and those the compiled pipeline adds."""
+    _, platform_spec = yaml.safe_load_all(COMPILED_PIPELINE.read_text())
+    labels = dict(KFP_POD_LABELS)
+    for executor in platform_spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values():
+        labels.update(executor.get("podMetadata", {}).get("labels", {}))
+    return labels
+
+
+def client_pods(target: str) -> dict:
+    """{name: (namespace, labels)} of the pods that could try to reach the stores: every pod template of
+    the target, pipeline pods (KFP's labels plus the compiled pipeline's own) in the run namespace and in
+    sfddm, a TrainJob's pods (the runtime's pod template and JobSet's labels), and strangers."""
+    pods = {d["metadata"]["name"]: (NAMESPACE, pod_template_labels(d)) for d in workloads(render(target))}
+    pipeline_labels = pipeline_pod_labels()
+    pods["pipeline-pod"] = (RUN_NAMESPACE, pipeline_labels)
+    pods["pipeline-pod-in-sfddm"] = (NAMESPACE, pipeline_labels)
+    [runtime] = find(render("kfp-runs"), "TrainingRuntime")
+    [node] = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    pods["trainjob-pod"] = (RUN_NAMESPACE, {**node["template"]["spec"]["template"].get("metadata", {}).get("labels", {}),
+                                            "jobset.sigs.k8s.io/jobset-name": "sfddm-distill-0123456789",
+                                            "jobset.sigs.k8s.io/replicatedjob-name": node["name"]})
+    pods["another-team-pipeline-pod"] = ("another-team", pipeline_labels)
+    pods["unlabelled-pod-in-run-namespace"] = (RUN_NAMESPACE, {"app": "something-else"})
+    return pods
+
+
+def reachable(target: str, policy_name: str, port: int) -> set:
+    docs = render(target)
+    policy = one(docs, "NetworkPolicy", policy_name)
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    # The policy guards the pods of the workload of that name.
+    guarded = [w for w in workloads(docs) if selects(policy["spec"]["podSelector"], pod_template_labels(w))]
+    assert [w["metadata"]["name"] for w in guarded] == [policy_name]
+    return {name for name, (namespace, labels) in client_pods(target).items()
+            if name != policy_name and admits(policy, namespace, labels, port)}
+
+
+@pytest.mark.parametrize("target", STACKS)
+def test_only_mlflow_the_bucket_job_and_pipeline_pods_reach_the_object_store(target):
+    assert reachable(target, "seaweedfs", 8333) == {"mlflow", "sfddm-create-buckets", "pipeline-pod",
+                                                    "pipeline-pod-in-sfddm"}
+    # SeaweedFS's master, volume and filer ports: nobody from outside its pod.
+    for port in (9333, 8080, 8888):
+        assert reachable(target, "seaweedfs", port) == set(), port
+
+
+@pytest.mark.parametrize("target", STACKS)
+def test_only_mlflow_reaches_postgres(target):
+    """The MLflow pod: the server and its init containers, db-upgrade among them."""
+    assert reachable(target, "postgres", 5432) == {"mlflow"}
+
+
+# SeaweedFS's S3 actions (weed/s3api/s3_constants/s3_actions.go, 4.00) that a bucket request checks.
+S3_ACTIONS = ("Read", "Write", "List", "Tagging", "Admin", "DeleteBucket", "ReadAcp", "WriteAcp")
+
+
+def seaweedfs_allows(actions: list, action: str, bucket: str) -> bool:
+    """SeaweedFS 4.00's permission check of an identity (weed/s3api/auth_credentials.go, Identity.canDo)
+    for `action` on `bucket`: a global action or Admin, "Action:bucket", "Admin:bucket", or a prefix
+    pattern ending in *."""
+    if "Admin" in actions or action in actions:
+        return True
+    for granted in actions:
+        if granted.endswith("*"):
+            if f"{action}:{bucket}".startswith(granted[:-1]) or f"Admin:{bucket}".startswith(granted[:-1]):
+                return True
+        elif granted in (f"{action}:{bucket}", f"Admin:{bucket}"):
+            return True
+    return False
+
+
+def rendered_s3_config(docs: list, secrets: dict, folder: Path) -> dict:
+    """The identity file that the object store's init container writes, from the Secrets k8s/secrets.sh
+    makes: its own script, run here with the env the pod would get."""
+    store = one(docs, "StatefulSet", "seaweedfs")
+    [init] = [c for c in pod_spec(store)["initContainers"] if c["name"] == "s3-config"]
+    env = {}
+    for entry in init["env"]:
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+        else:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            env[entry["name"]] = secrets[ref["name"]][ref["key"]]
+    server = container(docs, "StatefulSet", "seaweedfs", "seaweedfs")
+    assert f"-s3.config={env['S3_CONFIG']}" in server["args"]
+    mount = next(m["mountPath"] for m in init["volumeMounts"] if env["S3_CONFIG"].startswith(m["mountPath"] + "/"))
+    assert {"name": "s3-config", "mountPath": mount, "readOnly": True} in server["volumeMounts"]
+    env["S3_CONFIG"] = str(folder / "s3.json")
+    assert init["command"] == ["/bin/sh", "-ec"]
+    subprocess.run(["/bin/sh", "-ec", *init["args"]], env={"PATH": os.environ["PATH"], **env}, check=True, timeout=30)
+    return json.loads((folder / "s3.json").read_text())
+
+
+@pytest.mark.parametrize("target", STACKS)
+def test_each_s3_key_acts_on_its_own_buckets_only(target, script_secrets, tmp_path):
+    """Four identities from four Secrets, none global: the bucket Job's may create the two buckets, MLflow's
+    reads and writes its artifact bucket, DVC's the DVC bucket, and the pipeline's reads the DVC bucket."""
+    docs = render(target)
+    secrets = script_secrets[NAMESPACE]
+    config = rendered_s3_config(docs, secrets, tmp_path)
+    by_key = {i["credentials"][0]["accessKey"]: i for i in config["identities"]}
+    assert len(by_key) == len(config["identities"]) == 4
+    job = one(docs, "Job", "sfddm-create-buckets")
+    buckets = env_map(pod_spec(job)["containers"][0])["BUCKETS"]["value"].split()
+    _, mlflow = _mlflow(target)
+    mlflow_bucket = _option(mlflow, "--artifacts-destination", "MLFLOW_ARTIFACTS_DESTINATION").split("/")[2]
+    dvc_bucket = one(docs, "ConfigMap", "sfddm-pipeline-settings")["data"]["DVC_REMOTE_URL"].split("/")[2]
+    assert set(buckets) == {mlflow_bucket, dvc_bucket}
+    everything = set(S3_ACTIONS)
+    expected = {
+        "sfddm-s3-admin": {(a, b) for a in everything for b in buckets},
+        "sfddm-mlflow-s3": {(a, mlflow_bucket) for a in ("Read", "Write", "List")},
+        "sfddm-dvc-s3": {(a, dvc_bucket) for a in ("Read", "Write", "List")},
+        settings.S3_SECRET: {(a, dvc_bucket) for a in ("Read", "List")},
+    }
+    for secret, rights in expected.items():
+        identity = by_key[secrets[secret]["AWS_ACCESS_KEY_ID"]]
+        assert identity["credentials"][0]["secretKey"] == secrets[secret]["AWS_SECRET_ACCESS_KEY"]
+        allowed = {(a, b) for a in S3_ACTIONS for b in buckets + ["another-bucket"]
+                   if seaweedfs_allows(identity["actions"], a, b)}
+        assert allowed == rights, secret
+
+    # Each key goes to its client: the bucket Job, the MLflow server (test_mlflow_server_settings), the
+    # pipeline tasks (settings.S3_SECRET, copied to the run namespace), and no other workload here.
+    assert pod_spec(job)["containers"][0]["envFrom"] == [{"secretRef": {"name": "sfddm-s3-admin"}}]
+    users = {}
+    for doc, c in all_containers(docs):
+        if (doc["kind"], c["name"]) == ("StatefulSet", "s3-config"):
+            continue
+        names = {e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+        names |= {ef["secretRef"]["name"] for ef in c.get("envFrom", []) if "secretRef" in ef}
+        for name in names & set(expected):
+            users.setdefault(name, set()).add(f"{doc['metadata']['name']}/{c['name']}")
+    assert users == {"sfddm-s3-admin": {"sfddm-create-buckets/create-buckets"}, "sfddm-mlflow-s3": {"mlflow/mlflow"}}
+    assert set(script_secrets[RUN_NAMESPACE]) == {settings.S3_SECRET, settings.MLFLOW_SECRET}
+
+
+def test_pipeline_steps_take_no_s3_key_for_mlflow():
+    """MLflow's artifacts go through the server (--serve-artifacts; clients get mlflow-artifacts: URIs),
+    so pipeline steps need its S3 key nowhere: they take the pipeline's own key."""
+    assert settings.S3_SECRET not in {"sfddm-mlflow-s3", "sfddm-dvc-s3", "sfddm-s3-admin"}
+    _, mlflow = _mlflow("base")
+    assert "--serve-artifacts" in mlflow["args"] and _option(mlflow, "--default-artifact-root", "") is None
+
+
+@pytest.mark.parametrize("target", STACKS)
+def test_mlflow_schema_is_upgraded_before_every_server_start(target):
+    """`mlflow db upgrade` with the server's own image and database URI, in an init container after the
+    database answers, and the old server stopped first (Recreate), on every rollout."""
+    docs, server = _mlflow(target)
+    deployment = one(docs, "Deployment", "mlflow")
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    inits = pod_spec(deployment)["initContainers"]
+    [upgrade] = [i for i in inits if (i.get("command", []) + i.get("args", []))[:3] == ["mlflow", "db", "upgrade"]]
+    order = [i["name"] for i in inits]
+    waiter = next(i["name"] for i in inits if "pg_isready" in " ".join(i.get("command", []) + i.get("args", [])))
+    assert order.index(waiter) < order.index(upgrade["name"])
+    assert upgrade["image"] == server["image"]
+    [uri_argument] = (upgrade["command"] + upgrade["args"])[3:]
+    variable = re.fullmatch(r"\$\((\w+)\)", uri_argument)[1]
+    env, server_env = env_map(upgrade), env_map(server)
+    assert env[variable]["value"] == _option(server, "--backend-store-uri", "MLFLOW_BACKEND_STORE_URI")
+    names = [e["name"] for e in upgrade["env"]]
+    for ref in re.findall(r"\$\((\w+)\)", env[variable]["value"]):
+        assert env[ref] == server_env[ref], ref                     # the same Secret and ConfigMap keys
+        assert names.index(ref) < names.index(variable)             # defined before use
+
+
 # --------------------------------------------------------------------------- GPU
 
 
@@ -717,6 +1221,7 @@ def script_secrets(tmp_path_factory) -> dict:
     return cluster.secrets()
 
 
+@pytest.mark.slow       # k8s/secrets.sh against the stand-in kubectl
 def test_secrets_script_makes_random_values_and_never_overwrites(tmp_path, script_secrets):
     cluster = FakeCluster(tmp_path)
     result = cluster.secrets_script(RUN_NAMESPACE)
@@ -740,6 +1245,7 @@ def test_secrets_script_makes_random_values_and_never_overwrites(tmp_path, scrip
     assert "kept" in again.stdout and cluster.secrets() == first
 
 
+@pytest.mark.slow       # k8s/secrets.sh against the stand-in kubectl
 def test_secrets_script_keeps_but_flags_an_old_change_me_template(tmp_path):
     """A cluster that applied the old Secret templates: the Secret is kept (PostgreSQL may have been
     initialised with it), and the script says that it still holds the placeholder."""
@@ -755,6 +1261,23 @@ def test_secrets_script_keeps_but_flags_an_old_change_me_template(tmp_path):
     assert "CHANGE_ME" not in json.dumps({n: d for n, d in cluster.secrets()[NAMESPACE].items() if n != "sfddm-postgres"})
 
 
+@pytest.mark.slow       # k8s/secrets.sh against the stand-in kubectl
+def test_secrets_script_flags_an_old_copy_of_mlflows_s3_key_in_the_run_namespace(tmp_path):
+    """Earlier versions copied sfddm-mlflow-s3 to the run namespace for pipeline tasks; now only the
+    MLflow server holds that key, so the script names the stale copy (and, as ever, deletes nothing)."""
+    cluster = FakeCluster(tmp_path)
+    state = json.loads(cluster.state.read_text())
+    old = {"AWS_ACCESS_KEY_ID": "0" * 20, "AWS_SECRET_ACCESS_KEY": "1" * 48}
+    state["secrets"][RUN_NAMESPACE] = {"sfddm-mlflow-s3": {"data": {
+        k: base64.b64encode(v.encode()).decode() for k, v in old.items()}}}
+    cluster.state.write_text(json.dumps(state))
+    result = cluster.secrets_script()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"kubectl -n {RUN_NAMESPACE} delete secret sfddm-mlflow-s3" in result.stderr
+    assert cluster.secrets()[RUN_NAMESPACE]["sfddm-mlflow-s3"] == old
+
+
+@pytest.mark.slow       # k8s/secrets.sh against the stand-in kubectl
 def test_secrets_script_stops_without_the_namespaces(tmp_path):
     cluster = FakeCluster(tmp_path, namespaces=(NAMESPACE,))
     result = cluster.secrets_script("some-profile")
@@ -794,5 +1317,10 @@ def test_readme_explains_install_next_to_kfp():
         "sfddm-pipeline-runner",
         "dvc remote",
         "docker build",
+        "k8s/overlays/kueue",
+        "k8s/overlays/kfp-runs-cpu",
+        "sfddm-dvc-s3",
+        "mlflow db upgrade",
+        "sidecar.istio.io/inject",
     ):
         assert needle in readme, needle

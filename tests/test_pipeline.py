@@ -2,9 +2,11 @@
 settings they need (the training steps: the training volume, and pods sized at run time for training in
 place or waiting for a Kubeflow Trainer TrainJob), the whole DAG runs through kfp.local, and a submit to
 nowhere fails fast."""
+import csv
 import difflib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -15,8 +17,10 @@ from conftest import TINY_PARAMS
 
 import components
 from components import image as image_lib
-from pipelines import gpu_profile, run_local, submit, trainjob
-from pipelines.sfddm_pipeline import COMPILED_PIPELINE, CPU_STEP, GPU_STEP, REPO_ROOT
+from pipelines import gpu_profile, launcher, run_local, submit, trainjob
+from pipelines.sfddm_pipeline import (COMPILED_PIPELINE, CPU_STEP, GPU_STEP, REPO_ROOT, STEP_TIMEOUT_SECONDS,
+                                      compile_pipeline)
+from pipelines.settings import POD_FIELDS
 from sfddm_core.errors import SfddmError
 from sfddm_core.tracking import flatten
 
@@ -116,12 +120,19 @@ def test_every_step_gets_mlflow_and_store_settings_and_the_run_id(spec):
         env = {entry["envVar"]: entry["configMapKey"] for source in config["configMapAsEnv"]
                for entry in source["keyToEnv"]}
         assert env["MLFLOW_TRACKING_URI"] == "MLFLOW_TRACKING_URI", name
-        assert env["AWS_ENDPOINT_URL"] == env["MLFLOW_S3_ENDPOINT_URL"] == "AWS_ENDPOINT_URL", name
+        assert env["AWS_ENDPOINT_URL"] == "AWS_ENDPOINT_URL", name
+        assert "MLFLOW_S3_ENDPOINT_URL" not in env, name        # MLflow's artifacts go through its server
         secrets = {s["secretName"]: {e["envVar"] for e in s["keyToEnv"]} for s in config["secretAsEnv"]}
-        assert secrets == {"sfddm-mlflow-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+        assert secrets == {"sfddm-pipeline-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
                            "sfddm-mlflow-runner": {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}}, name
-        assert config["fieldPathAsEnv"] == [{"fieldPath": "metadata.labels['pipeline/runid']",
-                                             "name": "SFDDM_PIPELINE_RUN"}], name
+        # The MLflow UI's address for the steps' links: optional, so a ConfigMap without it starts the pod.
+        [ui] = [source for source in config["configMapAsEnv"] if source.get("optional")]
+        assert ui["keyToEnv"] == [{"configMapKey": "SFDDM_MLFLOW_UI_URL", "envVar": "SFDDM_MLFLOW_UI_URL"}], name
+        assert all(not source.get("optional") for source in config["configMapAsEnv"] if source is not ui), name
+        # The training steps (which may create a TrainJob, owned by their pod) also know their pod.
+        pod = [{"fieldPath": path, "name": env} for env, path in POD_FIELDS.items()] if name in RESUMING_STEPS else []
+        assert sorted(config["fieldPathAsEnv"], key=str) == sorted(
+            [{"fieldPath": "metadata.labels['pipeline/runid']", "name": "SFDDM_PIPELINE_RUN"}, *pod], key=str), name
 
 
 def plan_output(stage: str, kind: str) -> str:
@@ -153,17 +164,85 @@ def test_training_steps_mount_the_training_volume_and_size_their_pods_at_run_tim
         assert "pvcMount" not in k8s[name], name
 
 
+BUDGETS = dict(teacher_budget_hours=24.0, distill_budget_hours=24.0, max_budget_hours=72.0)
+
+
 def test_training_plan_sizes_the_training_pods():
     config = components.resolve_config.python_func(params=json.dumps(TINY_PARAMS), settings="")
-    here = components.training_plan.python_func(config=config, num_nodes=1, gpus_per_node=1)
+    here = components.training_plan.python_func(config=config, num_nodes=1, gpus_per_node=1, **BUDGETS)
     assert here._asdict() == {"teacher_gpus": 1, "teacher_cpu": GPU_STEP.cpu, "teacher_memory": GPU_STEP.memory,
                               "distill_gpus": 1, "distill_cpu": GPU_STEP.cpu, "distill_memory": GPU_STEP.memory}
     # Waiting for a TrainJob of 2 x 4 GPUs holds no GPU, and no more than a CPU step's memory.
-    away = components.training_plan.python_func(config=config, num_nodes=2, gpus_per_node=4)
+    away = components.training_plan.python_func(config=config, num_nodes=2, gpus_per_node=4, **BUDGETS)
     assert (away.teacher_gpus, away.distill_gpus) == (0, 0)
     assert int(away.distill_cpu) <= int(CPU_STEP.cpu) and away.distill_memory == CPU_STEP.memory
     with pytest.raises(SfddmError, match="does not divide"):       # before any GPU is taken
-        components.training_plan.python_func(config=config, num_nodes=3, gpus_per_node=1)
+        components.training_plan.python_func(config=config, num_nodes=3, gpus_per_node=1, **BUDGETS)
+    for budget in (0.0, 72.5):      # a budget beyond the step timeout's, refused before any GPU is taken
+        with pytest.raises(SfddmError, match=f"distill_budget_hours: expected more than 0 and at most 72 hours.*"
+                                             f"got {budget:g}"):
+            components.training_plan.python_func(config=config, num_nodes=2, gpus_per_node=4,
+                                                 **{**BUDGETS, "distill_budget_hours": budget})
+    # Built without the training volume: 1 x 1 trains in place; a TrainJob is refused before any GPU is taken.
+    assert components.training_plan.python_func(config=config, num_nodes=1, gpus_per_node=1, training_volume=False,
+                                                **BUDGETS) == here
+    with pytest.raises(SfddmError, match="teacher on 2 x 4 GPUs needs a TrainJob.*--no-training-volume"):
+        components.training_plan.python_func(config=config, num_nodes=2, gpus_per_node=4, training_volume=False,
+                                             **BUDGETS)
+
+
+def test_every_step_has_a_timeout_and_training_steps_outlast_the_launchers_deadline(spec):
+    """The pod's activeDeadlineSeconds: the training steps' exceeds the largest budget training_plan accepts
+    plus the launcher's grace, so the launcher reaches its own deadline (and deletes its TrainJob) first."""
+    k8s, all_tasks = k8s_executors(spec), tasks(spec)
+    [max_budget] = {all_tasks["training-plan"]["inputs"]["parameters"]["max_budget_hours"]["runtimeValue"]["constant"]}
+    for name, config in k8s.items():
+        timeout = int(config["activeDeadlineSeconds"])
+        if name in RESUMING_STEPS:
+            assert timeout > max_budget * 3600 + launcher.GRACE_SECONDS, name
+        else:
+            assert timeout == STEP_TIMEOUT_SECONDS[name], name
+    described = spec["root"]["inputDefinitions"]["parameters"]["distill_budget_hours"]["description"]
+    assert f"at most {max_budget:g}" in described
+
+
+def test_every_pipeline_parameter_is_described_for_the_kfp_ui(spec):
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    for name, parameter in parameters.items():
+        assert parameter.get("description", "").strip(), name
+    assert "{student.steps: 8" in parameters["settings"]["description"]
+
+
+def test_distill_measures_fid_along_distillation_with_the_classifier(spec):
+    distill = tasks(spec)["distill"]
+    assert distill["inputs"]["artifacts"]["classifier"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "classifier", "producerTask": "train-classifier"}
+    outputs = spec["components"]["comp-distill"]["outputDefinitions"]["artifacts"]
+    assert {name: outputs[name]["artifactType"]["schemaTitle"] for name in ("fid_log", "fid_curve", "metrics")} == \
+        {"fid_log": "system.Dataset", "fid_curve": "system.HTML", "metrics": "system.Metrics"}
+    # Every step whose stage opens an MLflow run links to it.
+    for name, component in spec["components"].items():
+        if name.removeprefix("comp-") in GPU_STEPS | CPU_STEPS - {"resolve-config", "training-plan"}:
+            assert component["outputDefinitions"]["artifacts"]["mlflow_run"]["artifactType"]["schemaTitle"] == \
+                "system.Markdown", name
+
+
+def test_variant_without_training_volume_or_gpus_needs_neither(tmp_path):
+    """--no-training-volume --cpu-only: no claim mounted (training in place keeps no checkpoint), no GPU or
+    GPU pool requested; timeouts and the rest as in the default build."""
+    path = compile_pipeline(tmp_path / "p.yaml", image="ghcr.io/sfddm/sfddm:git-0123456789ab",
+                            training_volume=False, cpu_only=True, max_budget_hours=10)
+    pipeline_spec, platform_spec = yaml.safe_load_all(path.read_text())
+    variant = {**pipeline_spec, **platform_spec}
+    for name, config in k8s_executors(variant).items():
+        assert "pvcMount" not in config and "nodeSelector" not in config and "tolerations" not in config, name
+        assert "accelerator" not in executors(variant)[name]["resources"], name
+    for name in RESUMING_STEPS:
+        constant = {key: value["runtimeValue"]["constant"] for key, value in
+                    tasks(variant)[name]["inputs"]["parameters"].items() if "runtimeValue" in value}
+        assert constant["shared_root"] == constant["training_pvc"] == constant["gpu_profile"] == "", name
+        assert int(k8s_executors(variant)[name]["activeDeadlineSeconds"]) > 10 * 3600 + launcher.GRACE_SECONDS
+    assert "unused" in variant["root"]["inputDefinitions"]["parameters"]["training_pvc"]["description"]
 
 
 def test_training_retries_and_registry_steps_are_never_cached(spec):
@@ -257,7 +336,7 @@ def test_whole_pipeline_runs_locally_and_registers_a_champion(tmp_path, monkeypa
     assert int(champion.version) == 1 and champion.tags["T"] == "25"
     [run_dir] = [path for path in (tmp_path / "runs").iterdir() if path.name != "shared"]   # "shared": the
     # training volume's stand-in, where the training steps kept their checkpoints while they ran
-    assert not list((tmp_path / "runs" / "shared").rglob("state.pt"))
+    assert not list((tmp_path / "runs" / "shared").rglob("state*.pt"))
     decision = json.loads((run_dir / "promote" / "decision").read_text())
     assert decision["promoted"] is True and decision["champion_version"] == 1
     assert "| student (SFDDM) | 4 |" in (run_dir / "evaluate" / "fid_table").read_text()
@@ -267,3 +346,18 @@ def test_whole_pipeline_runs_locally_and_registers_a_champion(tmp_path, monkeypa
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     parents = {run.data.tags.get("mlflow.parentRunId") for run in runs if "sfddm.stage" in run.data.tags}
     assert len(parents) == 1 and None not in parents
+    # Each step with a stage names its MLflow run (a link, where the tracking URI or SFDDM_MLFLOW_UI_URL is
+    # a server's address).
+    stage_of_run = {run.info.run_id: run.data.tags["sfddm.stage"] for run in runs if "sfddm.stage" in run.data.tags}
+    for task, stage in {"prepare-data": "prepare", "train-classifier": "train_classifier",
+                        "train-teacher": "train_teacher", "sample-teacher": "sample_teacher", "distill": "distill",
+                        "evaluate": "evaluate", "register": "register", "promote": "promote"}.items():
+        text = (run_dir / task / "mlflow_run").read_text()
+        [run_id] = re.findall(r"\brun ([0-9a-f]{32})\b", text)
+        assert stage_of_run[run_id] == stage, (task, text)
+    # The FID curve along distillation, as `dvc repro`'s distill stage writes it: the CSV and its plot.
+    with open(run_dir / "distill" / "fid_log", newline="") as handle:
+        curve = list(csv.DictReader(handle))
+    assert len(curve) >= 2 and list(curve[0]) == ["step", "fid", "kid"]
+    page = (run_dir / "distill" / "fid_curve").read_text()
+    assert "<svg" in page and f"<td>{curve[-1]['step']}</td>" in page

@@ -1,6 +1,7 @@
 """Preemption and resume: `sfddm train-teacher` SIGKILLed at chosen steps (tests/kill_at_step.py) and
 rerun ends with the same steps and bit-identical weights as an uninterrupted run; other settings are refused; a NaN loss keeps
-the last good checkpoint; gradient clipping bounds the gradient norm."""
+the last good checkpoint; the newest saves are kept and an unreadable newest one falls back to the one before;
+gradient clipping bounds the gradient norm. (Ranks agreeing on the save: tests/test_distributed.py.)"""
 import csv
 import os
 import signal
@@ -51,6 +52,11 @@ def loss_rows(path: Path) -> list[tuple]:
         return [(row["step"], row["loss"]) for row in csv.DictReader(handle)]
 
 
+def newest_save(folder: Path) -> tuple[int, Path]:
+    """(step, file) of the newest training state saved in folder."""
+    return training.Checkpoint(folder / training.CHECKPOINT_FILE, 1, {}).saved()[0]
+
+
 def mtime(path: Path):
     try:
         return path.stat().st_mtime_ns
@@ -75,7 +81,7 @@ def test_sigkilled_training_resumes_to_the_same_weights(project, capsys):
 
     env = {**os.environ, "SFDDM_TRACKING": "off", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}
-    state = project / "checkpoints-resumed" / training.CHECKPOINT_FILE
+    folder = project / "checkpoints-resumed"
     stderr = project / "resumed.stderr"
     for step in KILL_AT:                # each run SIGKILLs itself once it has logged this step
         with open(stderr, "ab") as err:
@@ -83,7 +89,9 @@ def test_sigkilled_training_resumes_to_the_same_weights(project, capsys):
                                      *teacher_args(project, "resumed")],
                                     cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=err, timeout=600)
         assert killed.returncode == -signal.SIGKILL, f"the run to be killed at step {step} ended {killed.returncode}"
-        assert torch.load(state, weights_only=True)["step"] == step // EVERY * EVERY   # the last checkpoint
+        saved_at, state = newest_save(folder)
+        assert saved_at == torch.load(state, weights_only=True)["step"] == step // EVERY * EVERY   # the last one
+        assert len(list(folder.glob("state-*.pt"))) == training.KEEP_CHECKPOINTS
         assert not (project / "resumed").exists()
 
     kept = mtime(state)                 # other settings: refused in one line, the checkpoint untouched
@@ -92,7 +100,7 @@ def test_sigkilled_training_resumes_to_the_same_weights(project, capsys):
     message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1, message
     assert str(state) in message and "teacher.lr: 0.001 there, 0.002 now" in message
-    assert "delete it" in message and mtime(state) == kept
+    assert "delete the saves in" in message and mtime(state) == kept
 
     assert run_here(teacher_args(project, "resumed")) == 0          # the last rerun finishes
     log = stderr.read_text(errors="replace") + capsys.readouterr().err
@@ -106,7 +114,7 @@ def test_sigkilled_training_resumes_to_the_same_weights(project, capsys):
     want, got = weights(project / "reference"), weights(project / "resumed")
     assert want.keys() == got.keys()
     assert all(torch.equal(want[name], got[name]) for name in want)
-    assert not (project / "checkpoints-resumed").exists()     # removed once the teacher was written
+    assert not folder.exists()     # removed once the teacher was written
 
 
 # ---------------------------------------------------------------- fit itself, on a tiny model
@@ -164,7 +172,7 @@ def test_fit_resumes_in_process_exactly_with_the_callers_state(tmp_path):
     model, ema, log = fit_linear(tmp_path / "a", counter=Counter())
     with pytest.raises(Preempted):
         fit_linear(tmp_path / "b", counter=Counter(), crash_at=8)
-    assert torch.load(tmp_path / "b/ck/state.pt", weights_only=True)["step"] == 6
+    assert newest_save(tmp_path / "b/ck")[0] == 6
     resumed_model, resumed_ema, resumed_log = fit_linear(tmp_path / "b", counter=Counter())
     assert without_seconds(resumed_log) == without_seconds(log) and resumed_log[-1]["count"] == 12 * 8
     for want, got in [(model, resumed_model), (ema, resumed_ema)]:
@@ -179,7 +187,7 @@ def test_other_settings_are_refused_naming_them(tmp_path):
     assert not any(key.startswith(("distill.", "evaluate.", "student.")) for key in fingerprint)
     with pytest.raises(Preempted):
         fit_linear(tmp_path, fingerprint=fingerprint, crash_at=5)
-    state = tmp_path / "ck/state.pt"
+    state = tmp_path / "ck/state-00000003.pt"
     changed = config.from_dict({"teacher": {"lr": 0.002, "grad_clip": 1.0, "checkpoint_every": 7},
                                 "distill": {"lr": 0.1}})
     with pytest.raises(SfddmError) as refused:
@@ -188,7 +196,7 @@ def test_other_settings_are_refused_naming_them(tmp_path):
     message = str(refused.value)
     assert len(message.splitlines()) == 1 and str(state) in message and "resumes at step 3" in message
     for part in ("teacher.lr: 0.001 there, 0.002 now", "teacher.grad_clip: None there, 1.0 now",
-                 "train_images_sha256", "delete it to start over, or restore those settings"):
+                 "train_images_sha256", f"delete the saves in {tmp_path / 'ck'} to start over, or restore those"):
         assert part in message, message
     assert "checkpoint_every" not in message and "distill.lr" not in message
     # checkpoint_every alone may change: the same run resumes
@@ -199,9 +207,51 @@ def test_other_settings_are_refused_naming_them(tmp_path):
 
 def test_unreadable_checkpoint_is_refused(tmp_path):
     (tmp_path / "ck").mkdir()
-    (tmp_path / "ck/state.pt").write_bytes(b"half a checkpoint")
-    with pytest.raises(SfddmError, match=r"state.pt: unreadable training checkpoint .*delete it"):
+    (tmp_path / "ck/state-00000003.pt").write_bytes(b"half a checkpoint")
+    with pytest.raises(SfddmError, match=r"state-00000003.pt: unreadable training checkpoint .*; delete it to"):
         fit_linear(tmp_path)
+    (tmp_path / "ck/state-00000006.pt").write_bytes(b"")
+    with pytest.raises(SfddmError, match=r"state-00000006.pt: unreadable .*, as are the 1 older ones; delete them"):
+        fit_linear(tmp_path)
+
+
+def test_only_the_newest_saves_are_kept(tmp_path):
+    """A save every 3 of 30 updates: after each, the newest KEEP_CHECKPOINTS saves are left, and no temp
+    file of a save killed before its rename (one is left from an earlier run)."""
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck/.state-00000003.pt.k1ll3d").write_bytes(b"half")
+    listings = []
+    model, loss_fn = linear_problem()
+
+    def listing_loss(step, rng, net):
+        listings.append(sorted(p.name for p in (tmp_path / "ck").iterdir()))
+        return loss_fn(step, rng, net)
+
+    checkpoint = training.Checkpoint(tmp_path / "ck" / "state.pt", 3, {"lr": 0.1}, remove_at_end=False)
+    training.fit(model, listing_loss, 30, 0.1, 0.9, seed=0, desc="test", checkpoint=checkpoint)
+    assert listings[2] == [".state-00000003.pt.k1ll3d"]             # listings[k]: at the start of update k
+    assert listings[3] == ["state-00000003.pt"]                     # the first save cleared the temp file
+    assert listings[6] == ["state-00000003.pt", "state-00000006.pt"]
+    assert listings[29] == ["state-00000024.pt", "state-00000027.pt"]              # 9 saves, 2 kept
+    assert [step for step, _ in checkpoint.saved()] == [27, 24]
+    checkpoint.remove()
+    assert not (tmp_path / "ck").exists()
+
+
+def test_an_unreadable_newest_save_falls_back_to_the_one_before(tmp_path, capsys):
+    """A save damaged after its rename (a disk or volume fault): rank 0 resumes from the save before it,
+    saying so, and the run ends as an uninterrupted one."""
+    _, _, log = fit_linear(tmp_path / "a")
+    with pytest.raises(Preempted):
+        fit_linear(tmp_path / "b", crash_at=8)
+    newest = tmp_path / "b/ck/state-00000006.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    capsys.readouterr()
+    _, _, resumed_log = fit_linear(tmp_path / "b")
+    err = capsys.readouterr().err
+    assert f"{newest}: unreadable training checkpoint" in err and "resuming from the save before it" in err
+    assert f"resuming from {tmp_path / 'b/ck/state-00000003.pt'} at step 3" in err
+    assert without_seconds(resumed_log) == without_seconds(log)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -209,8 +259,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         fit_linear(tmp_path, nan_at=8)
     message = str(stopped.value)
     assert "the loss became nan at step 8" in message and "resumes at step 6" in message, message
-    assert str(tmp_path / "ck/state.pt") in message and "is kept" in message
-    state = torch.load(tmp_path / "ck/state.pt", weights_only=True)
+    assert str(tmp_path / "ck/state-00000006.pt") in message and "is kept" in message
+    state = torch.load(tmp_path / "ck/state-00000006.pt", weights_only=True)
     assert state["step"] == 6 and len(state["log"]) == 6
     assert all(torch.isfinite(p).all() for p in state["model"].values())
     with pytest.raises(SfddmError, match=r"loss became nan at step 1; no checkpoint had been saved yet"):
@@ -264,7 +314,8 @@ def test_interrupted_progressive_distillation_resumes_to_the_same_student(projec
     monkeypatch.setattr(progressive, "progressive_loss", crashing_loss)
     with pytest.raises(KeyboardInterrupt):
         run_here(distill_args(project, "student"))
-    assert (project / "checkpoints-student" / "state-fold2.pt").is_file()
+    fold_saves = training.Checkpoint(project / "checkpoints-student" / "state-fold2.pt", 1, {}).saved()
+    assert [step for step, _ in fold_saves] == [4, 2]             # fold 3's own saves, the newest two
     assert not (project / "student").exists()
     monkeypatch.setattr(progressive, "progressive_loss", real_loss)
     assert run_here(distill_args(project, "student")) == 0

@@ -1,4 +1,4 @@
-"""One source of default settings: the dataclasses of sfddm_core/config.py. params.yaml and the README's
+"""One source of default settings: the dataclasses of sfddm_core/config.py. params.yaml and docs/params.md's
 params reference spell them out, key by key; these tests fail when either drifts. Bad input is
 catalogued in test_bad_inputs.py."""
 import re
@@ -24,10 +24,10 @@ def test_params_yaml_spells_out_every_default_exactly():
     assert config.load(ROOT / "params.yaml") == config.Config()
 
 
-def readme_defaults() -> dict:
-    """The README's params reference as {dotted key: default as written (parsed as YAML)}. A row may name
+def documented_defaults() -> dict:
+    """docs/params.md as {dotted key: default as written (parsed as YAML)}. A row may name
     several keys of one section (`teacher.lr`, `batch_size`, ...), their defaults comma-separated."""
-    section = (ROOT / "README.md").read_text().split("## Params reference", 1)[1].split("\n## ", 1)[0]
+    section = (ROOT / "docs" / "params.md").read_text()
     rows = {}
     for line in section.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
@@ -44,14 +44,14 @@ def readme_defaults() -> dict:
     return rows
 
 
-def test_readme_params_reference_lists_every_key_with_its_default():
-    documented = readme_defaults()
+def test_params_page_lists_every_key_with_its_default():
+    documented = documented_defaults()
     assert set(documented) == set(DEFAULTS)
     for key, value in documented.items():
         default = DEFAULTS[key]
         if isinstance(default, float):
             value = float(value)            # YAML reads 1e-3 as text
-        assert value == default, f"README: {key} = {value!r}, the default is {default!r}"
+        assert value == default, f"docs/params.md: {key} = {value!r}, the default is {default!r}"
 
 
 def test_dry_run_prints_the_resolved_settings_and_runs_nothing(tmp_path):

@@ -5,7 +5,8 @@
   (tests/data/kubeflow-trainer-v2.3.0) with unknown fields as errors, so that fields of older releases
   (podSpecOverrides, podTemplateOverrides, elasticPolicy) fail.
 - The launcher against a mocked Kubernetes API (CustomObjectsApi, CoreV1Api): create, poll, adopt after a
-  retry, failure, timeout, a replaced job, API errors.
+  retry (handing the job to the retry's pod), failure, timeout, a replaced job, API errors, a job queued
+  by Kueue, and a real SIGTERM / SIGINT while it waits (the job is deleted, the step fails).
 - The training components: in their pod with checkpoints under the shared root, or through a TrainJob.
 - (slow) A kfp.local run whose training step is killed at a chosen step, after its checkpoint on the
   shared root; the retry resumes from it and ends with the uninterrupted run's loss log.
@@ -23,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import jsonschema
 import pytest
@@ -30,10 +32,12 @@ import torch
 import yaml
 import kill_at_step
 from conftest import TINY_PARAMS
+from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
 
 import components
 from pipelines import gpu_profile, launcher, trainjob
+from pipelines.settings import MLFLOW_SECRET, POD_NAME_ENV, POD_UID_ENV, TRAINING_QUEUE
 from pipelines.sfddm_pipeline import GPU_STEP, REPO_ROOT
 from sfddm_cli import cli
 from sfddm_core import config
@@ -43,7 +47,7 @@ from sfddm_core.errors import SfddmError
 SCHEMAS = Path(__file__).parent / "data" / "kubeflow-trainer-v2.3.0"
 KUBECTL = shutil.which("kubectl")
 IMAGE = "ghcr.io/sfddm/sfddm:git-0123456789ab"
-METADATA_FIELDS = {"name", "namespace", "labels", "annotations"}
+METADATA_FIELDS = {"name", "namespace", "labels", "annotations", "ownerReferences"}
 
 
 # --------------------------------------------------------------------------- the CRD schemas
@@ -91,7 +95,20 @@ def problems(plural: str, body: dict) -> list[str]:
             found.append(f"metadata.name: {rule['message']}")
         assert pattern or size, f"a CEL rule this test does not know: {rule['rule']}"
     found += [f"metadata.{key}: not expected" for key in set(body.get("metadata", {})) - METADATA_FIELDS]
-    return found
+    return found + object_meta_problems(body.get("metadata", {}))
+
+
+def object_meta_problems(metadata: dict) -> list[str]:
+    """What the kubernetes client's ObjectMeta model (the API's own) refuses or drops in metadata: a CRD's
+    schema leaves metadata to the API server, which checks it as ObjectMeta (ownerReferences: apiVersion,
+    kind, name and uid required)."""
+    api = k8s_client.ApiClient()
+    try:
+        model = api.deserialize(SimpleNamespace(data=json.dumps(metadata)), "V1ObjectMeta")
+    except ValueError as err:
+        return [f"metadata: {err}"]
+    kept = api.sanitize_for_serialization(model)
+    return [] if kept == metadata else [f"metadata: {metadata} is not an ObjectMeta ({kept} kept)"]
 
 
 def node_pod_patch(body: dict) -> dict:
@@ -105,6 +122,7 @@ def check_trainjob(body: dict, stage: str, nodes: int, gpus: int) -> None:
     """A TrainJob as the launcher submits it: valid for v2.3.0, and what the webhook and the torch plugin
     accept, running `torchrun ... sfddm <stage command>` on the shared volume."""
     assert problems("trainjobs", body) == []
+    assert body["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == TRAINING_QUEUE     # Kueue admits it whole
     spec, trainer = body["spec"], body["spec"]["trainer"]
     assert spec["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime", "name": "sfddm-torch"}
     assert trainer["command"] == ["torchrun", "--no-python", "sfddm", trainjob.STAGES[stage].command]
@@ -116,7 +134,7 @@ def check_trainjob(body: dict, stage: str, nodes: int, gpus: int) -> None:
     assert resources["limits"]["memory"] == resources["requests"]["memory"] == f"{16 * gpus}Gi"
     args = dict(zip(trainer["args"][::2], trainer["args"][1::2]))
     expected = {"--params", "--data", "--out", "--loss-csv", "--checkpoint-dir"} | (
-        {"--teacher"} if stage == "distill" else set())
+        {"--teacher", "--classifier", "--fid-csv"} if stage == "distill" else set())
     assert set(args) == expected
     assert all(path.startswith(trainjob.SHARED_MOUNT + "/") for path in args.values())
     assert re.fullmatch(rf"{trainjob.SHARED_MOUNT}/checkpoints/{stage}/[0-9a-f]{{16}}", args["--checkpoint-dir"])
@@ -127,7 +145,8 @@ def check_trainjob(body: dict, stage: str, nodes: int, gpus: int) -> None:
     for entry in trainer["env"]:
         if "valueFrom" in entry and "secretKeyRef" in entry["valueFrom"]:
             assert "value" not in entry
-    assert {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY"} <= set(names)
+    assert {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_PASSWORD"} <= set(names)
+    assert "AWS_SECRET_ACCESS_KEY" not in names             # inputs come on the volume, artifacts through MLflow
     pod = node_pod_patch(body)
     assert pod["volumes"] == [{"name": trainjob.SHARED_VOLUME,
                                "persistentVolumeClaim": {"claimName": trainjob.DEFAULT_CLAIM}}]
@@ -201,6 +220,8 @@ def test_obsolete_and_unknown_fields_are_refused(monkeypatch):
     assert changed(lambda b: node_pod_patch(b).update(hostNetwork=True))     # not patchable
     assert changed(lambda b: b["metadata"].update(name="sfddm-distill-" + "x" * 60))
     assert changed(lambda b: b["metadata"].update(name="Sfddm_distill"))
+    assert changed(lambda b: b["metadata"].update(ownerReferences=[{"kind": "Pod", "name": "step"}]))   # no uid
+    assert not changed(lambda b: b["metadata"].update(ownerReferences=[trainjob.owner_reference("step", "u-1")]))
     with pytest.raises(SfddmError, match="RFC 1035"):
         trainjob.manifest("distill", name="Bad_Name", image=IMAGE, num_nodes=2, gpus_per_node=1,
                           checkpoint_dir=trainjob.checkpoint_path(trainjob.SHARED_MOUNT, "distill", {}))
@@ -274,9 +295,10 @@ def test_pipeline_runner_may_run_trainjobs(kfp_runs):
         return {verb for rule in role["rules"] if group in rule["apiGroups"] and resource in rule["resources"]
                 for verb in rule["verbs"]}
 
-    assert {"create", "get", "list", "watch", "delete"} <= verbs("trainer.kubeflow.org", "trainjobs")
-    assert {"get", "list"} <= verbs("trainer.kubeflow.org", "trainingruntimes")
-    assert {"get", "list"} <= verbs("", "pods") and "get" in verbs("", "pods/log")     # rank 0's log
+    # What the launcher calls, and on TrainJobs nothing more (pods: KFP's own driver needs more).
+    for (group, resource), needed in launcher.API_RIGHTS.items():
+        assert needed <= verbs(group, resource), (resource, needed - verbs(group, resource))
+    assert verbs("trainer.kubeflow.org", "trainjobs") == launcher.API_RIGHTS[("trainer.kubeflow.org", "trainjobs")]
     assert not verbs("trainer.kubeflow.org", "trainingruntimes") - {"get", "list", "watch"}
 
 
@@ -376,12 +398,22 @@ class FakeCluster:
         self.jobs: dict = {}
         self.created: list = []
         self.deleted: list = []
+        self.patched: list = []
+        self.seen_deleting: set = set()
         self.reads: dict = {}
         self.clock = FakeClock()
+        self.on_read = None             # called with the job's name on each read (a signal sent mid-poll)
 
-    def add(self, body: dict, phase: str, reason: str = "") -> None:
-        """A job that an earlier try of the step created."""
-        self.jobs[body["metadata"]["name"]] = {**copy.deepcopy(body), "status": _status(phase, reason)}
+    def add(self, body: dict, phase: str, reason: str = "", owner: Optional[str] = None,
+            deleting: bool = False) -> None:
+        """A job that an earlier try of the step created: owned by the pod `owner` (default: body's owner),
+        and with deleting, being deleted (the garbage collector removes it after one more read)."""
+        job = {**copy.deepcopy(body), "status": _status(phase, reason)}
+        if owner is not None:
+            job["metadata"]["ownerReferences"] = [trainjob.owner_reference(owner, f"uid-{owner}")]
+        if deleting:
+            job["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        self.jobs[body["metadata"]["name"]] = job
         self.reads[body["metadata"]["name"]] = [phase]
 
     def _raise(self, method: str) -> None:
@@ -403,9 +435,16 @@ class FakeCluster:
 
     def get_namespaced_custom_object(self, group, version, namespace, plural, name):
         self._raise("get")
+        if self.on_read is not None:
+            self.on_read(name)
         if name not in self.jobs:
             raise ApiException(status=404, reason="Not Found")
         job = self.jobs[name]
+        if job["metadata"].get("deletionTimestamp"):
+            if name in self.seen_deleting:          # the garbage collector got there
+                del self.jobs[name]
+                raise ApiException(status=404, reason="Not Found")
+            self.seen_deleting.add(name)
         phases = self.reads[name]
         phase = phases.pop(0) if len(phases) > 1 else phases[0]
         if phase == "Complete" and launcher.state(job)[0] != "Complete":
@@ -413,8 +452,20 @@ class FakeCluster:
             Path(args["--out"]).mkdir(parents=True, exist_ok=True)
             (Path(args["--out"]) / "model.txt").write_text(f"trained by {name}")
             Path(args["--loss-csv"]).write_text("step,loss,seconds\n0,1.0,0.1\n")
+            if "--fid-csv" in args:
+                Path(args["--fid-csv"]).write_text("step,fid,kid\n0,50.0,0.01\n")
         job["status"] = _status(phase, "BackoffLimitExceeded" if phase == "Failed" else "")
         return copy.deepcopy(job)
+
+    def patch_namespaced_custom_object(self, group, version, namespace, plural, name, body):
+        """A JSON merge patch (the client's content type for custom objects): lists are replaced."""
+        self._raise("patch")
+        if name not in self.jobs:
+            raise ApiException(status=404, reason="Not Found")
+        assert set(body) == {"metadata"} and set(body["metadata"]) == {"ownerReferences"}
+        self.jobs[name]["metadata"]["ownerReferences"] = copy.deepcopy(body["metadata"]["ownerReferences"])
+        self.patched.append(name)
+        return copy.deepcopy(self.jobs[name])
 
     def delete_namespaced_custom_object(self, group, version, namespace, plural, name, propagation_policy=None):
         self._raise("delete")
@@ -441,8 +492,12 @@ class FakeCluster:
 
 
 def _status(phase: str, reason: str) -> dict:
+    """A TrainJob's status as Trainer v2.3 sets it (Suspended: its condition while spec.suspend is true)."""
     if phase in ("Complete", "Failed"):
         return {"conditions": [{"type": phase, "status": "True", "reason": reason, "message": f"job {phase.lower()}"}]}
+    if phase == "Suspended":
+        return {"conditions": [{"type": "Suspended", "status": "True", "reason": "Suspended",
+                                "message": "TrainJob is suspended"}]}
     return {"conditions": []}
 
 
@@ -454,7 +509,8 @@ def stage_inputs(tmp_path, cfg):
     fingerprint = trainjob.settings_fingerprint(cfg, "distill", data, teacher)
     body = trainjob.manifest("distill", name=trainjob.job_name("distill", "run-1"), image=IMAGE, num_nodes=2,
                              gpus_per_node=4, checkpoint_dir=trainjob.checkpoint_path(shared, "distill", fingerprint),
-                             gpu=gpu_profile.load(), budget_seconds=3600, run_id="run-1", root=str(shared))
+                             gpu=gpu_profile.load(), budget_seconds=3600, run_id="run-1", root=str(shared),
+                             owner=trainjob.owner_reference("run-1-distill-try-2", "uid-try-2"))
     return SimpleNamespace(cfg=cfg, inputs={"data": data, "teacher": teacher}, shared=shared, body=body,
                            out=tmp_path / "out" / "student", loss=tmp_path / "out" / "loss.csv",
                            folder=Path(trainjob.job_dir(shared, body["metadata"]["name"])))
@@ -546,6 +602,119 @@ def test_timeout_deletes_the_job_and_fails_the_step(stage_inputs):
     assert cluster.deleted == [s.body["metadata"]["name"]] and not cluster.jobs
 
 
+def test_adopted_job_is_handed_to_this_tries_pod(stage_inputs):
+    """A retried step runs in a new pod; the job stays owned by the earlier try's pod only until that pod
+    is deleted, which would garbage-collect it: the retry makes its own pod the owner."""
+    s, cluster = stage_inputs, FakeCluster()
+    launcher.Launcher.stage_inputs(s.cfg, s.inputs, s.folder)
+    name = s.body["metadata"]["name"]
+    cluster.add(s.body, "Running", owner="run-1-distill-try-1")
+    cluster.reads[name] = ["Running", "Complete"]
+    seen = []
+    cluster.on_read = lambda job: seen.append(copy.deepcopy(cluster.jobs[job]["metadata"].get("ownerReferences")))
+    _, said = run_launcher(cluster, s)
+    assert cluster.created == [] and cluster.patched == [name]
+    assert seen[-1] == s.body["metadata"]["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "Pod", "name": "run-1-distill-try-2", "uid": "uid-try-2"}]
+    assert any("now owned by pod run-1-distill-try-2" in line for line in said)
+    # Already this pod's (the retry adopting it twice): nothing to patch.
+    again = FakeCluster()
+    launcher.Launcher.stage_inputs(s.cfg, s.inputs, s.folder)
+    again.add(s.body, "Running")
+    again.reads[name] = ["Running", "Complete"]
+    run_launcher(again, s)
+    assert again.patched == [] and again.created == []
+
+
+def test_job_whose_owner_is_gone_is_waited_out_and_submitted_again(stage_inputs):
+    """The earlier try's pod was deleted before the retry came: the garbage collector is deleting the job;
+    the retry waits until it is gone and submits it again (it resumes from the checkpoint)."""
+    s, cluster = stage_inputs, FakeCluster()
+    cluster.add(s.body, "Running", owner="run-1-distill-try-1", deleting=True)
+    _, said = run_launcher(cluster, s)
+    assert any("being deleted" in line for line in said) and len(cluster.created) == 1
+    assert cluster.patched == [] and (s.out / "model.txt").is_file()
+
+
+def test_job_collected_before_its_owner_is_patched_is_submitted_again(stage_inputs):
+    """The earlier try's pod is deleted between the retry's read and its patch: the patch finds no job
+    (404), and the retry submits it again."""
+    s, cluster = stage_inputs, FakeCluster()
+    launcher.Launcher.stage_inputs(s.cfg, s.inputs, s.folder)
+    cluster.add(s.body, "Running", owner="run-1-distill-try-1")
+    patch = cluster.patch_namespaced_custom_object
+
+    def patch_after_collection(*args):
+        cluster.jobs.pop(s.body["metadata"]["name"])
+        return patch(*args)
+
+    cluster.patch_namespaced_custom_object = patch_after_collection
+    run_launcher(cluster, s)
+    assert len(cluster.created) == 1 and cluster.patched == [] and (s.out / "model.txt").is_file()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_while_waiting_deletes_the_job_and_fails_the_step(stage_inputs, signum):
+    """KFP's "Terminate run" and a step timeout delete the step's pod; the kubelet sends SIGTERM first.
+    A real signal, sent to this process from inside the mocked API's third read: the launcher deletes
+    the TrainJob with the delete call (not waiting for the garbage collector), fails the step with one
+    line, and puts the previous handlers back."""
+    s, cluster = stage_inputs, FakeCluster(script=("Running",))
+    reads = []
+
+    def signal_on_third_read(name):
+        reads.append(name)
+        if len(reads) == 3:
+            os.kill(os.getpid(), signum)
+
+    cluster.on_read = signal_on_third_read
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    with pytest.raises(SfddmError) as error:
+        run_launcher(cluster, s)
+    message = str(error.value)
+    assert len(message.splitlines()) == 1
+    assert f"TrainJob kubeflow/{s.body['metadata']['name']}: deleted on {signal.Signals(signum).name}" in message
+    assert "the checkpoint is kept" in message
+    assert cluster.deleted == [s.body["metadata"]["name"]] and not cluster.jobs
+    assert len(reads) == 3 and cluster.clock.now == 10           # ensure's read, two polls; at once
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    assert not s.out.exists()
+
+
+def test_handlers_are_restored_after_a_normal_run(stage_inputs):
+    before = signal.getsignal(signal.SIGTERM)
+    run_launcher(FakeCluster(), stage_inputs)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_job_queued_by_kueue_waits_without_using_up_the_budget(stage_inputs):
+    """Kueue's webhook suspends the job (spec.suspend) until its queue admits all its pods; it holds no
+    GPUs meanwhile. The wait logs it once and goes on past the timeout, which counts from admission."""
+    s = stage_inputs
+    queued = ("Suspended",) * 400                  # 4000 s of queueing at a 10 s poll, past the 1800 s timeout
+    cluster = FakeCluster(script=(*queued, "Running", "Running", "Complete"))
+    job, said = run_launcher(cluster, s, timeout_seconds=1800)
+    assert launcher.state(job)[0] == "Complete" and cluster.clock.now > 4000
+    lines = [line for line in said if "queued by Kueue" in line]
+    assert len(lines) == 1 and f"LocalQueue {TRAINING_QUEUE}, holding no GPUs until admitted" in lines[0]
+    # Preempted back into the queue after running a while: the budget counts again from its readmission.
+    running = ("Running",) * 150                   # 1500 s of an 1800 s timeout
+    cluster = FakeCluster(script=(*running, *queued, *running, "Complete"))
+    job, said = run_launcher(cluster, s, timeout_seconds=1800)
+    assert launcher.state(job)[0] == "Complete" and not cluster.deleted[:-1]
+    # Queued, then admitted but never finishing: timed out 1800 s after it was last seen queued.
+    cluster = FakeCluster(script=(*queued, "Running"))
+    with pytest.raises(SfddmError, match="did not finish within 0.50 h"):
+        run_launcher(cluster, s, timeout_seconds=1800)
+    assert 3990 + 1800 <= cluster.clock.now < 3990 + 1800 + 20 and cluster.deleted
+
+
+def test_state_reads_suspension_from_the_spec_before_trainer_sets_a_condition():
+    assert launcher.state({"spec": {"suspend": True}, "status": {}}) == ("Suspended", "")
+    assert launcher.state({"spec": {"suspend": False}, "status": {"conditions": [
+        {"type": "Suspended", "status": "False", "reason": "Resumed"}]}}) == ("Running", "")
+
+
 def test_job_with_another_spec_is_replaced(stage_inputs):
     s, cluster = stage_inputs, FakeCluster()
     other = copy.deepcopy(s.body)
@@ -592,11 +761,13 @@ def test_no_kubernetes_api_is_one_line(tmp_path, monkeypatch):
 
 
 def test_trainjob_env_passes_the_run_and_mlflow_run_on():
-    env = launcher.trainjob_env({"SFDDM_PIPELINE_RUN": "r1", "MLFLOW_RUN_ID": "abc", "AWS_SECRET_ACCESS_KEY": "s3cr3t"})
+    env = launcher.trainjob_env({"SFDDM_PIPELINE_RUN": "r1", "MLFLOW_RUN_ID": "abc", "MLFLOW_TRACKING_PASSWORD": "pw"})
     assert {"name": "SFDDM_PIPELINE_RUN", "value": "r1"} in env and {"name": "MLFLOW_RUN_ID", "value": "abc"} in env
-    assert "s3cr3t" not in json.dumps(env)          # secrets by reference only
-    assert {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {
-        "name": "sfddm-mlflow-s3", "key": "AWS_SECRET_ACCESS_KEY"}}} in env
+    assert "pw" not in [entry.get("value") for entry in env]          # secrets by reference only
+    assert {"name": "MLFLOW_TRACKING_PASSWORD", "valueFrom": {"secretKeyRef": {
+        "name": MLFLOW_SECRET, "key": "MLFLOW_TRACKING_PASSWORD"}}} in env
+    # No S3 key: the job reads its inputs from the volume and logs through the MLflow server.
+    assert not [entry for entry in env if entry["name"].startswith("AWS_") and "secretKeyRef" in entry.get("valueFrom", {})]
 
 
 # --------------------------------------------------------------------------- the components
@@ -607,28 +778,43 @@ def tiny_config():
     return components.resolve_config.python_func(params=json.dumps(TINY_PARAMS), settings="")
 
 
+def distill_extras(folder: Path) -> dict:
+    """The distill component's artifacts besides the model and loss log: the FID classifier (a file the
+    caller writes) and the FID curve's outputs."""
+    from kfp import dsl
+    return dict(classifier=dsl.Model(uri=str(folder / "classifier.pt")),
+                fid_log=dsl.Dataset(uri=str(folder / "fid.csv")), fid_curve=dsl.HTML(uri=str(folder / "fid_curve.html")),
+                metrics=dsl.Metrics(uri=str(folder / "metrics")), mlflow_run=dsl.Markdown(uri=str(folder / "mlflow_run")))
+
+
 def test_distill_component_on_two_nodes_submits_a_valid_trainjob(tmp_path, tiny_config, monkeypatch):
     cluster = FakeCluster()
     monkeypatch.setattr(launcher.TrainJobs, "in_cluster", classmethod(lambda cls: cls("kubeflow", cluster, cluster)))
     monkeypatch.setattr(launcher, "POLL_SECONDS", 0)
     monkeypatch.setenv("SFDDM_PIPELINE_RUN", "5c8f7a9e-61a3-4a8e-9d55-0d1f0e6c2b11")
+    monkeypatch.setenv(POD_NAME_ENV, "sfddm-run-distill-1234")
+    monkeypatch.setenv(POD_UID_ENV, "9a1c-uid")
     from kfp import dsl
     dataset = dsl.Dataset(uri=str(fake_dataset(tmp_path / "dataset")))
     teacher = dsl.Model(uri=str(fake_teacher(tmp_path / "teacher")))
     student, loss = dsl.Model(uri=str(tmp_path / "student")), dsl.Dataset(uri=str(tmp_path / "loss.csv"))
+    (tmp_path / "classifier.pt").write_text("weights")
     components.distill.python_func(
         config=tiny_config, teacher_model=teacher, dataset=dataset, student_model=student, loss_log=loss,
-        num_nodes=2, gpus_per_node=4, shared_root=str(tmp_path / "shared"), training_pvc="sfddm-training",
+        **distill_extras(tmp_path), num_nodes=2, gpus_per_node=4, shared_root=str(tmp_path / "shared"), training_pvc="sfddm-training",
         budget_hours=2.0, image=IMAGE, gpu_profile=json.dumps(gpu_profile.load().__dict__))
     [body] = cluster.created
     body = json.loads(json.dumps(body).replace(str(tmp_path / "shared"), trainjob.SHARED_MOUNT))
     check_trainjob(body, "distill", 2, 4)
+    assert body["metadata"]["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "Pod", "name": "sfddm-run-distill-1234", "uid": "9a1c-uid"}]
     assert body["metadata"]["name"] == trainjob.job_name("distill", "5c8f7a9e-61a3-4a8e-9d55-0d1f0e6c2b11")
     assert body["metadata"]["labels"][trainjob.LABEL_RUN] == "5c8f7a9e-61a3-4a8e-9d55-0d1f0e6c2b11"
     assert body["spec"]["activeDeadlineSeconds"] == 7200
     assert {"name": "SFDDM_PIPELINE_RUN", "value": "5c8f7a9e-61a3-4a8e-9d55-0d1f0e6c2b11"} in \
         body["spec"]["trainer"]["env"]
     assert (tmp_path / "student" / "model.txt").is_file() and student.metadata["trained_on"] == "2 x 4 GPUs"
+    assert (tmp_path / "fid.csv").read_text() == "step,fid,kid\n0,50.0,0.01\n"      # rank 0's FID curve
     assert not (tmp_path / "shared" / "jobs").exists() or not any((tmp_path / "shared" / "jobs").iterdir())
 
 
@@ -642,6 +828,29 @@ def test_trainjob_needs_an_image_and_a_run_id(tmp_path, tiny_config, monkeypatch
         launcher.train_stage("teacher", tiny_config, image=IMAGE, jobs=launcher.TrainJobs("ns", None, None), **args)
 
 
+def test_trainjob_is_owned_by_the_step_pod_or_not_submitted(tmp_path, tiny_config, monkeypatch):
+    """The pod's name and uid (downward API) own the job; without them nothing is submitted: a job with no
+    owner outlives a SIGKILLed step until its deadline."""
+    cluster = FakeCluster()
+    monkeypatch.setenv("SFDDM_PIPELINE_RUN", "run-7")
+    monkeypatch.setattr(launcher, "POLL_SECONDS", 0)
+    args = dict(data_dir=fake_dataset(tmp_path / "d"), out_dir=tmp_path / "o", loss_csv=tmp_path / "l.csv",
+                num_nodes=2, gpus_per_node=1, shared_root=str(tmp_path / "shared"), budget_hours=1.0, image=IMAGE,
+                jobs=launcher.TrainJobs("kubeflow", cluster, cluster))
+    for name, uid in (("", ""), ("sfddm-run-7-train-teacher", "")):
+        monkeypatch.setenv(POD_NAME_ENV, name)
+        monkeypatch.setenv(POD_UID_ENV, uid)
+        with pytest.raises(SfddmError, match=f"{POD_NAME_ENV}=.*{POD_UID_ENV}=.*expected this step's pod") as error:
+            launcher.train_stage("teacher", tiny_config, **args)
+        assert len(str(error.value).splitlines()) == 1 and cluster.created == []
+    monkeypatch.setenv(POD_UID_ENV, "4f1e-uid")
+    launcher.train_stage("teacher", tiny_config, **args)
+    [body] = cluster.created
+    assert problems("trainjobs", body) == []
+    assert body["metadata"]["ownerReferences"] == [trainjob.owner_reference("sfddm-run-7-train-teacher", "4f1e-uid")]
+    assert body["metadata"]["labels"][trainjob.QUEUE_LABEL] == TRAINING_QUEUE
+
+
 @pytest.mark.parametrize("stage", ["teacher", "distill"])
 def test_training_in_the_pod_checkpoints_under_the_shared_root(stage, tmp_path, tiny_config, monkeypatch):
     """1 x 1: the library trains here, its checkpoint folder on the shared volume, named by fingerprint."""
@@ -650,11 +859,13 @@ def test_training_in_the_pod_checkpoints_under_the_shared_root(stage, tmp_path, 
 
     calls = []
 
-    def fake_run(*args, **options):          # (..., out_dir, loss_csv, checkpoint_dir, [classifier, fid_csv])
+    def fake_run(*args, classifier=None, fid_csv=None):     # (..., out_dir, loss_csv, checkpoint_dir)
         calls.append(args)
         out_dir, loss_csv = args[-3], args[-2]
         out_dir.mkdir(parents=True)
         loss_csv.write_text("step,loss,seconds\n")
+        if fid_csv is not None:
+            fid_csv.write_text("step,fid,kid\n1,40.0,0.02\n")
         return out_dir
 
     monkeypatch.setattr(teacher_lib if stage == "teacher" else distill_lib, "run", fake_run)
@@ -663,13 +874,16 @@ def test_training_in_the_pod_checkpoints_under_the_shared_root(stage, tmp_path, 
     if stage == "teacher":
         model = dsl.Model(uri=str(tmp_path / "teacher"))
         components.train_teacher.python_func(config=tiny_config, dataset=dataset, teacher_model=model,
-                                             loss_log=loss, shared_root=str(tmp_path / "shared"))
+                                             loss_log=loss, mlflow_run=dsl.Markdown(uri=str(tmp_path / "mlflow_run")),
+                                             shared_root=str(tmp_path / "shared"))
         fingerprint = trainjob.settings_fingerprint(config.from_dict(json.loads(tiny_config)), "teacher", data)
     else:
         teacher = dsl.Model(uri=str(fake_teacher(tmp_path / "teacher")))
         model = dsl.Model(uri=str(tmp_path / "student"))
+        (tmp_path / "classifier.pt").write_text("weights")
         components.distill.python_func(config=tiny_config, teacher_model=teacher, dataset=dataset,
-                                       student_model=model, loss_log=loss, shared_root=str(tmp_path / "shared"))
+                                       student_model=model, loss_log=loss, **distill_extras(tmp_path),
+                                       shared_root=str(tmp_path / "shared"))
         fingerprint = trainjob.settings_fingerprint(config.from_dict(json.loads(tiny_config)), "distill", data,
                                                     tmp_path / "teacher")
     [args] = calls
@@ -729,7 +943,7 @@ def test_kfp_local_training_step_killed_then_retried_resumes_from_its_checkpoint
     first = start("first", killing)         # the node is lost at step 10: the step and the run with it
     output, _ = first.communicate(timeout=600)
     assert first.returncode == -signal.SIGKILL, output[-3000:]
-    [state] = shared.glob("checkpoints/teacher/*/state.pt")
+    [state] = shared.glob("checkpoints/teacher/*/state-*.pt")
     assert torch.load(state, weights_only=True)["step"] == every
     assert not list((tmp_path / "first").glob("*/train-teacher/teacher_model/unet"))
 

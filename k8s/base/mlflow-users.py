@@ -7,7 +7,9 @@ sfddm-mlflow-admin) it calls the auth app's REST API to
   2. create the experiment SFDDM_EXPERIMENT and the registered model SFDDM_REGISTERED_MODEL where
      they are missing, as the admin, so that no other user can take them first;
   3. grant the runner EDIT on the experiment (runs, metrics, artifacts, logged models) and MANAGE on
-     the registered model (new versions, their tags, the challenger and champion aliases).
+     the registered model (new versions, their tags, the challenger and champion aliases);
+  4. create the read-only user of k8s/serving (READER_USERNAME / READER_PASSWORD, Secret
+     sfddm-mlflow-reader), or set its password, with no grants: it reads, as everyone does.
 Everyone else gets the server's default_permission (READ) or, without credentials, 401.
 Idempotent: each step checks first, so it runs again after every `kubectl apply -k`.
 """
@@ -90,6 +92,8 @@ def main() -> None:
         client.create_registered_model(model_name)
         print(f"registered model {model_name} created")
     ensure_permission(auth, runner, "registered_model", model_name, MODEL_PERMISSION)
+
+    ensure_user(auth, os.environ["READER_USERNAME"], os.environ["READER_PASSWORD"])
 
 
 if __name__ == "__main__":
