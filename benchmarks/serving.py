@@ -196,15 +196,17 @@ def main(argv=None) -> int:
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--requests", type=int, default=40, help="timed requests per repeat")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads of the server (OMP_NUM_THREADS; default: torch's, one per core)")
+    # The client runs on the same cores: with a thread on every core the server's torch threads contend with
+    # it (on 2 cores, 2 threads measured 1.7 x slower per request than 1, and 4 x noisier).
+    parser.add_argument("--threads", type=int, default=max(1, len(os.sched_getaffinity(0)) - 1),
+                        help="torch threads of the server (OMP_NUM_THREADS; default: one per core but the client's)")
     parser.add_argument("--out", type=Path, default=ROOT / "reports")
     parser.add_argument("--results-page", type=Path, default=None,
                         help="also regenerate this page's generated section (docs/benchmarks.md)")
     args = parser.parse_args(argv)
-    if args.threads:
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)     # before torch is imported, here and in the server
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)     # the server's (it inherits the environment)
     import torch
+    torch.set_num_threads(args.threads)                     # this process's too, which the report names
     from sfddm_core import bench, config
     model_name = config.load(args.params).registry.model_name
     with tempfile.TemporaryDirectory() as tmp:
