@@ -14,6 +14,8 @@ def resolve_config(params: str, settings: str) -> str:
     """
     import json
 
-    from sfddm_core import config
+    from sfddm_core import config, methods
 
-    return json.dumps(config.to_dict(config.with_settings_text(json.loads(params), settings)))
+    cfg = config.with_settings_text(json.loads(params), settings)
+    methods.checked(cfg)
+    return json.dumps(config.to_dict(cfg))

@@ -90,11 +90,13 @@ def train_stage(stage: str, config_json: str, *, data_dir, out_dir, loss_csv, te
     image, claim, budget_hours, gpu_profile (GpuProfile fields as JSON; "" : no GPUs): for a TrainJob.
     jobs: the TrainJob API (default: the cluster this pod runs in).
     """
+    from sfddm_core import fingerprints     # here: torch, which compiling the pipeline does not need
+
     cfg = config_lib.from_dict(json.loads(config_json))
     where = trainjob.placement(cfg, stage, num_nodes, gpus_per_node)
     checkpoint_dir = None
     if shared_root:
-        fingerprint = trainjob.settings_fingerprint(cfg, stage, data_dir, teacher_dir)
+        fingerprint = fingerprints.stage_fingerprint(cfg, stage, data_dir, teacher_dir)
         checkpoint_dir = trainjob.checkpoint_path(shared_root, stage, fingerprint)
     if where.in_pod:
         _train_here(stage, cfg, Path(data_dir), Path(out_dir), Path(loss_csv), teacher_dir,
@@ -172,10 +174,12 @@ def review_manifest(stage: str, num_nodes: int, gpus_per_node: int, cfg: config_
                     budget_hours: float = DEFAULT_BUDGET_HOURS, gpu=None) -> dict:
     """The TrainJob the launcher would submit for `stage` in pipeline run `run_id` (`sfddm pipeline
     trainjob`), its checkpoint fingerprint made of cfg and of the input folders given."""
+    from sfddm_core import fingerprints
+
     trainjob.placement(cfg, stage, num_nodes, gpus_per_node)     # refuses what the pipeline would refuse
     if budget_hours <= 0:
         raise SfddmError(f"budget: expected a positive number of hours, got {budget_hours}")
-    fingerprint = trainjob.settings_fingerprint(cfg, stage, data_dir, teacher_dir)
+    fingerprint = fingerprints.stage_fingerprint(cfg, stage, data_dir, teacher_dir)
     return trainjob.manifest(
         stage, name=trainjob.job_name(stage, run_id), image=image, num_nodes=num_nodes,
         gpus_per_node=gpus_per_node, checkpoint_dir=trainjob.checkpoint_path(trainjob.SHARED_MOUNT, stage, fingerprint),
@@ -191,6 +195,7 @@ def review_yaml(stage: str, num_nodes: int, gpus_per_node: int, params_path, ove
     where they exist (data_dir with its meta.json; teacher_dir for distill), as the launcher counts the
     step's inputs. image as for `sfddm pipeline compile` (default REGISTRY/sfddm:git-<HEAD>)."""
     from components import image as image_lib
+    from sfddm_core import fingerprints
 
     stage = {"train-teacher": "teacher"}.get(stage, stage)
     trainjob.stage_of(stage)
@@ -199,7 +204,7 @@ def review_yaml(stage: str, num_nodes: int, gpus_per_node: int, params_path, ove
     data_dir = data_dir if data_dir is not None and (Path(data_dir) / "meta.json").is_file() else None
     teacher_dir = teacher_dir if stage == "distill" and teacher_dir is not None and Path(teacher_dir).is_dir() else None
     body = review_manifest(stage, num_nodes, gpus_per_node, cfg, image, data_dir, teacher_dir, **options)
-    covered = [f"the {', '.join(trainjob.stage_of(stage).sections)} settings of {params_path}"]
+    covered = [f"the {', '.join(fingerprints.CHECKPOINT_SECTIONS[stage])} settings of {params_path}"]
     covered += [f"{what} {folder}" for what, folder in (("the training images of", data_dir),
                                                          ("the teacher", teacher_dir)) if folder is not None]
     job_folder = trainjob.job_dir(trainjob.SHARED_MOUNT, body["metadata"]["name"])

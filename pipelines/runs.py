@@ -138,7 +138,9 @@ def _checked_arguments(pipeline, arguments: Optional[dict], params: str) -> dict
         elif inputs[name].type == "String" and not isinstance(value, str):
             value = yaml.safe_dump(value, default_flow_style=True, sort_keys=False).strip()
         checked[name] = value
-    config.with_settings_text(json.loads(params), checked.get("settings", ""))
+    from sfddm_core import methods          # here: torch, which compiling the pipeline does not need
+
+    methods.checked(config.with_settings_text(json.loads(params), checked.get("settings", "")))
     return checked
 
 

@@ -86,16 +86,14 @@ LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 @dataclass(frozen=True)
 class Stage:
     command: str                # the sfddm subcommand
-    sections: tuple             # params sections its checkpoint depends on (as the library's fingerprint)
     inputs: tuple               # (CLI flag, name in the job folder) of its input folders and files
     outputs: tuple = ()         # (CLI flag, file name in the job folder) of its outputs besides out/, loss.csv
 
 
 STAGES = {
-    "teacher": Stage("train-teacher", ("seed", "teacher"), (("--data", "data"),)),
+    "teacher": Stage("train-teacher", (("--data", "data"),)),
     # With the FID classifier, distill also measures FID along distillation (dvc.yaml's distill stage).
-    "distill": Stage("distill", ("seed", "student", "distill"),
-                     (("--teacher", "teacher"), ("--data", "data"), ("--classifier", "classifier.pt")),
+    "distill": Stage("distill", (("--teacher", "teacher"), ("--data", "data"), ("--classifier", "classifier.pt")),
                      (("--fid-csv", "fid.csv"),)),
 }
 
@@ -143,19 +141,6 @@ def placement(cfg: config_lib.Config, stage: str, num_nodes: int, gpus_per_node:
                          f"GPUs = {processes} processes (the batch is global; each process takes a slice)")
     return Placement(False, 0, LAUNCHER.cpu, LAUNCHER.memory)
 
-
-def settings_fingerprint(cfg: config_lib.Config, stage: str, data_dir=None, teacher_dir=None) -> dict:
-    """What a checkpoint of `stage` can be resumed with: the library's own fingerprint (sfddm_core.training:
-    the settings of the stage's sections and the hashes of its inputs); an input given as None is left out
-    (`sfddm pipeline trainjob` without local inputs)."""
-    from sfddm_core import data, io, training
-
-    inputs = {}
-    if stage == "distill" and teacher_dir is not None:
-        inputs["teacher_sha256"] = io.sha256_tree(teacher_dir)
-    if data_dir is not None:
-        inputs["train_images_sha256"] = data.load_meta(data_dir).get("sha256", {}).get("train", {}).get("images")
-    return training.fingerprint(cfg, stage_of(stage).sections, **inputs)
 
 
 def fingerprint_id(fingerprint: dict) -> str:

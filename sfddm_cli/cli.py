@@ -202,6 +202,7 @@ def run_stage(args: argparse.Namespace, cfg) -> int:
 
 
 PRINTED = ("evaluate", "register")          # stages whose result goes to stdout (metrics, registration)
+METHOD_COMMANDS = ("distill", "bench")      # the commands that distil: distill.method and its settings are checked
 
 
 STAGE_CALLS = {
@@ -294,6 +295,9 @@ def pipeline_command(args: argparse.Namespace, cfg) -> int:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_lib.load(args.params, dict(args.overrides)) if hasattr(args, "params") else None
+    if args.command in METHOD_COMMANDS:
+        from sfddm_core import methods      # only here: the other stages do not depend on the methods
+        methods.checked(cfg)
     if getattr(args, "dry_run", False):     # the settings this command would run with, resolved; nothing else
         print(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False), end="")
         return 0

@@ -30,11 +30,11 @@ import psutil
 import torch
 
 from . import config as config_lib
-from . import data, diffusion, distill, evaluate, fid, io, models, samplers, students, teacher
+from . import data, diffusion, distill, evaluate, fid, io, models, samplers, students, teacher, training
 from .config import Config
 from .errors import SfddmError
 from .io import atomic_file, resolve_device, sha256_file, sha256_files, write_json
-from .methods import METHODS
+from .methods import METHODS, checked
 from .methods import sfddm as sfddm_method
 from .methods.base import ddim_path
 
@@ -90,7 +90,9 @@ PREEMPTION_KILL_AT = 0.6    # bench preemption: SIGKILL at this fraction of a ru
 
 
 def variant_config(cfg: Config, profile: str, overrides: dict) -> Config:
-    return config_lib.with_overrides(config_lib.to_dict(cfg), {**PROFILES[profile], **overrides})
+    variant = config_lib.with_overrides(config_lib.to_dict(cfg), {**PROFILES[profile], **overrides})
+    checked(variant)
+    return variant
 
 
 def forward_equivalents(compute: dict, batch_size: int) -> int:

@@ -12,13 +12,13 @@ from typing import Optional
 import torch
 
 from . import config as config_lib
-from . import data, distributed, evaluate, models, tracking
+from . import data, distributed, evaluate, fingerprints, models, tracking
 from . import training
 from .config import Config
 from .diffusion import StudentSchedule
 from .errors import SfddmError
-from .io import atomic_dir, resolve_device, sha256_tree
-from .methods import METHODS, Distillation
+from .io import atomic_dir, resolve_device
+from .methods import METHODS, Distillation, checked
 from .training import Checkpoint, write_loss_csv
 
 CURVE_KEYS = ("fid", "kid")        # what evaluate.training_monitor adds to a log entry (with the classifier)
@@ -76,15 +76,15 @@ def run(cfg: Config, teacher_dir: Path, data_dir: Path, out_dir: Path, loss_csv:
     While it trains, every step's losses go to MLflow, and a sample grid at evaluate.MONITOR_POINTS
     updates; with the FID classifier, also FID and KID there, written to fid_csv (the FID curve).
     """
+    method = checked(cfg)
     teacher = models.load_model(teacher_dir)
-    teacher_sha256 = sha256_tree(teacher_dir)
-    settings = training.fingerprint(cfg, ("seed", "student", "distill"), teacher_sha256=teacher_sha256,
-                                    train_images_sha256=data.load_meta(data_dir)["sha256"]["train"]["images"])
+    settings = fingerprints.stage_fingerprint(cfg, "distill", data_dir, teacher_dir)
+    teacher_sha256 = settings["teacher_sha256"]
     checkpoint = training.checkpoint_in(checkpoint_dir, cfg.distill.checkpoint_every, settings, cfg.distill.iterations,
                                         cfg.distill.checkpoint_seconds, remove_at_end=False)
     schedule = student_schedule(cfg, teacher)
     monitor = evaluate.training_monitor(cfg, schedule.abar_student, None, cfg.student.clip_denoised,
-                                        "student_samples", data_dir, classifier, METHODS[cfg.distill.method].sampler)
+                                        "student_samples", data_dir, classifier, method.sampler)
     student_unet, betas, log = distill(cfg, teacher, data_dir, monitor,
                                        max(1, cfg.distill.iterations // evaluate.MONITOR_POINTS), checkpoint,
                                        on_log=tracking.log_step)
@@ -92,7 +92,7 @@ def run(cfg: Config, teacher_dir: Path, data_dir: Path, out_dir: Path, loss_csv:
         return out_dir
     provenance = {
         "method": cfg.distill.method,
-        "sampler": METHODS[cfg.distill.method].sampler,
+        "sampler": method.sampler,
         "phi": cfg.student_timesteps.tolist(),
         "teacher_timesteps": teacher.num_timesteps,
         "student_steps": cfg.student.steps,

@@ -13,7 +13,8 @@ from . import data, diffusion, distributed, evaluate, models, tracking
 from .config import Config
 from .errors import SfddmError
 from .io import atomic_dir, resolve_device
-from .training import Checkpoint, checkpoint_in, fingerprint, fit, write_loss_csv
+from .fingerprints import stage_fingerprint
+from .training import Checkpoint, checkpoint_in, fit, write_loss_csv
 
 
 def denoising_loss(unet, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, abar: np.ndarray) -> torch.Tensor:
@@ -59,9 +60,7 @@ def train_teacher(cfg: Config, data_dir: Path, checkpoint: Optional[Checkpoint] 
 def training_checkpoint(cfg: Config, data_dir: Path, checkpoint_dir: Optional[Path]) -> Optional[Checkpoint]:
     """Teacher training's checkpoint in checkpoint_dir (None: off), resumable only with the same seed,
     teacher settings and training images."""
-    train_sha256 = data.load_meta(data_dir).get("sha256", {}).get("train", {}).get("images")
-    return checkpoint_in(checkpoint_dir, cfg.teacher.checkpoint_every,
-                         fingerprint(cfg, ("seed", "teacher"), train_images_sha256=train_sha256),
+    return checkpoint_in(checkpoint_dir, cfg.teacher.checkpoint_every, stage_fingerprint(cfg, "teacher", data_dir),
                          cfg.teacher.iterations, cfg.teacher.checkpoint_seconds, remove_at_end=False)
 
 

@@ -125,7 +125,7 @@ def lock_the_library_as_it_is(project: Path) -> None:
 
 
 @pytest.mark.slow      # dvc subprocesses on a copy of the project
-@pytest.mark.parametrize("edited", ["samplers.py", "diffusion.py", "training.py"])
+@pytest.mark.parametrize("edited", ["samplers.py", "diffusion.py", "training.py", "methods/sfddm.py"])
 def test_editing_a_library_file_reruns_the_stages_that_import_it(tmp_path, edited):
     """In a copy of the project whose dvc.lock records its library files: after an edit, `dvc status` reports the
     file as a changed dependency of exactly the stages whose imports reach it."""
@@ -142,6 +142,18 @@ def test_editing_a_library_file_reruns_the_stages_that_import_it(tmp_path, edite
         handle.write("\n# an edit\n")
     after = changed_deps(project)
     newly = {stage for stage, deps in after.items() if f"sfddm_core/{edited}" in deps}
-    expected = {name for name in STAGE_MODULES if edited[:-3] in stage_modules(name)}
+    expected = {name for name in STAGE_MODULES if edited[:-3].replace("/", ".") in stage_modules(name)}
     assert newly == expected and expected
     assert all(f"sfddm_core/{edited}" not in deps for deps in before.values())
+
+
+def test_the_library_imports_no_module_that_imports_it_back():
+    """No import circle (lazy imports included): settings are a leaf, the methods sit above them, so a
+    stage's dvc.yaml deps hold only what it runs (editing a method reruns distill and what follows)."""
+    modules = {".".join(path.relative_to(LIBRARY).with_suffix("").parts).removesuffix(".__init__")
+               for path in LIBRARY.rglob("*.py") if path.name != "__init__.py" or path.parent != LIBRARY}
+    for module in modules:
+        assert module not in import_closure(library_imports(module)), f"{module} imports itself back"
+    assert stage_modules("prepare") == {"stages", "config", "data", "diffusion", "distributed", "errors", "io",
+                                        "tracking"}
+    assert "methods.sfddm" not in set().union(*(stage_modules(name) for name in STAGE_MODULES if name != "distill"))

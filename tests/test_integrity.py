@@ -107,7 +107,9 @@ def test_a_student_written_before_hashes_loads_unchecked(tmp_path):
     folder = write_student(tmp_path / "student")
     (folder / "sfddm.json").write_text(json.dumps(STUDENT_PROVENANCE))
     (folder / "model_index.json").write_text((folder / "model_index.json").read_text() + "\n")
-    models.load_model(folder)
+    student = models.load_model(folder)
+    assert student.num_timesteps == len(STUDENT_PROVENANCE["phi"])        # the student's own T' steps
+    assert np.allclose(student.alphas_cumprod, tiny_abar()[STUDENT_PROVENANCE["phi"]])
 
 
 def test_teacher_stage_output_hashes_its_config_too(tmp_path):

@@ -11,7 +11,7 @@ from conftest import TINY_PARAMS
 from sfddm_cli import cli
 from sfddm_core import bench, bench_report, config, diffusion, io, students
 from sfddm_core.errors import ConfigError
-from sfddm_core.methods import METHODS, Distillation, Method
+from sfddm_core.methods import METHODS, Distillation, Method, checked
 
 
 def eps_regression(d: Distillation):
@@ -36,17 +36,28 @@ TOY = Method("toy", eps_regression, describe=lambda settings: "toy eps regressio
 
 
 def test_distill_method_must_be_in_the_table(monkeypatch):
+    """The settings hold the name as given (config.py knows no method); the table decides."""
+    toy = config.from_dict({"distill": {"method": "toy"}})
     with pytest.raises(ConfigError, match=r"distill.method: 'toy' is not one of \['sfddm', 'progressive'\]"):
-        config.from_dict({"distill": {"method": "toy"}})
+        checked(toy)
     monkeypatch.setitem(METHODS, "toy", TOY)
-    assert config.from_dict({"distill": {"method": "toy"}}).distill.method == "toy"
+    assert checked(toy) is TOY
 
 
 def test_each_method_checks_its_own_settings():
     with pytest.raises(ConfigError, match="progressive distillation starts every student from its teacher"):
-        config.from_dict({"distill": {"method": "progressive"}, "student": {"init": "random"}})
+        checked(config.from_dict({"distill": {"method": "progressive"}, "student": {"init": "random"}}))
     with pytest.raises(ConfigError, match="teacher_path trains the trajectory term alone"):
-        config.from_dict({"distill": {"inputs": "teacher_path", "pointwise_weight": 1.0}})
+        checked(config.from_dict({"distill": {"inputs": "teacher_path", "pointwise_weight": 1.0}}))
+
+
+def test_only_the_commands_that_distil_check_the_method(tmp_path):
+    """`sfddm prepare` runs with any method name (it does not depend on the methods); distill refuses it."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(TINY_PARAMS))
+    unknown = ["--params", str(params), "--set", "distill.method=nope", "--dry-run"]
+    assert cli.main(["prepare", *unknown]) == 0
+    assert cli.main(["distill", *unknown]) == 2
 
 
 @pytest.mark.slow

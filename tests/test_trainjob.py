@@ -40,7 +40,7 @@ from pipelines import gpu_profile, launcher, trainjob
 from pipelines.settings import MLFLOW_SECRET, POD_NAME_ENV, POD_UID_ENV, TRAINING_QUEUE
 from pipelines.sfddm_pipeline import GPU_STEP, REPO_ROOT
 from sfddm_cli import cli
-from sfddm_core import config
+from sfddm_core import config, fingerprints
 from sfddm_core import teacher as teacher_lib
 from sfddm_core.errors import SfddmError
 
@@ -352,20 +352,20 @@ def fake_teacher(folder: Path, content: str = "weights") -> Path:
 
 def test_checkpoint_folder_is_named_by_what_the_library_checks(cfg, tmp_path):
     data = fake_dataset(tmp_path / "data")
-    fingerprint = trainjob.settings_fingerprint(cfg, "teacher", data)
+    fingerprint = fingerprints.stage_fingerprint(cfg, "teacher", data)
     assert fingerprint == teacher_lib.training_checkpoint(cfg, data, tmp_path / "ckpt").fingerprint
     path = trainjob.checkpoint_path("/sfddm-shared", "teacher", fingerprint)
     assert re.fullmatch(r"/sfddm-shared/checkpoints/teacher/[0-9a-f]{16}", str(path))
     # When state is saved changes nothing; the settings and the inputs do.
     same = config.from_dict({**TINY_PARAMS, "teacher": {**TINY_PARAMS["teacher"], "checkpoint_every": 3}})
-    assert trainjob.checkpoint_path("/r", "teacher", trainjob.settings_fingerprint(same, "teacher", data)) == \
+    assert trainjob.checkpoint_path("/r", "teacher", fingerprints.stage_fingerprint(same, "teacher", data)) == \
         trainjob.checkpoint_path("/r", "teacher", fingerprint)
     other = config.from_dict({**TINY_PARAMS, "teacher": {**TINY_PARAMS["teacher"], "lr": 3.3e-4}})
     folders = {trainjob.checkpoint_path("/r", "teacher", fp) for fp in (
-        fingerprint, trainjob.settings_fingerprint(other, "teacher", data),
-        trainjob.settings_fingerprint(cfg, "teacher", fake_dataset(tmp_path / "data2", "cd" * 32)))}
+        fingerprint, fingerprints.stage_fingerprint(other, "teacher", data),
+        fingerprints.stage_fingerprint(cfg, "teacher", fake_dataset(tmp_path / "data2", "cd" * 32)))}
     assert len(folders) == 3
-    teachers = {trainjob.fingerprint_id(trainjob.settings_fingerprint(cfg, "distill", data,
+    teachers = {trainjob.fingerprint_id(fingerprints.stage_fingerprint(cfg, "distill", data,
                                                                       fake_teacher(tmp_path / t, t)))
                 for t in ("t1", "t2")}
     assert len(teachers) == 2
@@ -506,7 +506,7 @@ def stage_inputs(tmp_path, cfg):
     """(cfg, inputs, shared root, out_dir, loss_csv, manifest) of a distill TrainJob on 2 x 4 GPUs."""
     data, teacher = fake_dataset(tmp_path / "in" / "dataset"), fake_teacher(tmp_path / "in" / "teacher")
     shared = tmp_path / "shared"
-    fingerprint = trainjob.settings_fingerprint(cfg, "distill", data, teacher)
+    fingerprint = fingerprints.stage_fingerprint(cfg, "distill", data, teacher)
     body = trainjob.manifest("distill", name=trainjob.job_name("distill", "run-1"), image=IMAGE, num_nodes=2,
                              gpus_per_node=4, checkpoint_dir=trainjob.checkpoint_path(shared, "distill", fingerprint),
                              gpu=gpu_profile.load(), budget_seconds=3600, run_id="run-1", root=str(shared),
@@ -876,7 +876,7 @@ def test_training_in_the_pod_checkpoints_under_the_shared_root(stage, tmp_path, 
         components.train_teacher.python_func(config=tiny_config, dataset=dataset, teacher_model=model,
                                              loss_log=loss, mlflow_run=dsl.Markdown(uri=str(tmp_path / "mlflow_run")),
                                              shared_root=str(tmp_path / "shared"))
-        fingerprint = trainjob.settings_fingerprint(config.from_dict(json.loads(tiny_config)), "teacher", data)
+        fingerprint = fingerprints.stage_fingerprint(config.from_dict(json.loads(tiny_config)), "teacher", data)
     else:
         teacher = dsl.Model(uri=str(fake_teacher(tmp_path / "teacher")))
         model = dsl.Model(uri=str(tmp_path / "student"))
@@ -884,7 +884,7 @@ def test_training_in_the_pod_checkpoints_under_the_shared_root(stage, tmp_path, 
         components.distill.python_func(config=tiny_config, teacher_model=teacher, dataset=dataset,
                                        student_model=model, loss_log=loss, **distill_extras(tmp_path),
                                        shared_root=str(tmp_path / "shared"))
-        fingerprint = trainjob.settings_fingerprint(config.from_dict(json.loads(tiny_config)), "distill", data,
+        fingerprint = fingerprints.stage_fingerprint(config.from_dict(json.loads(tiny_config)), "distill", data,
                                                     tmp_path / "teacher")
     [args] = calls
     assert args[-1] == Path(trainjob.checkpoint_path(tmp_path / "shared", stage, fingerprint))
@@ -966,7 +966,8 @@ def test_kfp_local_training_step_killed_then_retried_resumes_from_its_checkpoint
     torch.set_num_threads(1)                        # as the runs above (OMP_NUM_THREADS=1)
     try:
         components.train_teacher.python_func(config=config_json, dataset=dsl.Dataset(uri=str(dataset)),
-                                             teacher_model=dsl.Model(uri=str(tmp_path / "whole")), loss_log=whole)
+                                             teacher_model=dsl.Model(uri=str(tmp_path / "whole")), loss_log=whole,
+                                             mlflow_run=dsl.Markdown(uri=str(tmp_path / "mlflow_run.md")))
     finally:
         torch.set_num_threads(threads)
     uninterrupted = read_losses(tmp_path / "whole.csv")
