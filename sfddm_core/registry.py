@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -374,7 +373,6 @@ def check_servable(model_uri: str) -> None:
     """One line (SfddmError) before a scoring server starts on a models:/NAME@ALIAS URI that names no
     version: no database at a sqlite tracking URI (MLflow would create an empty one), no such model, no
     such alias. Other URIs are left to MLflow."""
-    import mlflow
     alias_uri = re.fullmatch(r"models:/([^/@]+)@([^/@]+)", model_uri)
     if alias_uri is None:
         return
@@ -382,11 +380,10 @@ def check_servable(model_uri: str) -> None:
     if uri.startswith("sqlite:///") and not Path(unquote(uri[len("sqlite:///"):])).is_file():
         raise SfddmError(f"{uri}: no MLflow database there; register a student first (sfddm register, "
                          "make run) or set MLFLOW_TRACKING_URI")
-    for name, value in tracking.HTTP_DEFAULTS.items():     # fail in seconds, not MLflow's minutes of retries
-        os.environ.setdefault(name, value)
+    client = tracking.fast_failing_client()
     name, alias = alias_uri.groups()
     with tracking.mlflow_errors(f"looking up {model_uri}"):
-        if _alias_version(mlflow.MlflowClient(uri), name, alias) is None:
+        if _alias_version(client, name, alias) is None:
             raise SfddmError(f"{name} has no @{alias} version; promote one first (sfddm promote)")
 
 
