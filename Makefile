@@ -1,5 +1,5 @@
 # `make run`: set up and run the whole pipeline with params.yaml; `make test`: set up and run the tests
-# (`make test-fast`: the unit tier only, the tests not marked slow).
+# (`make test-fast`: the unit tier only, the tests not marked integration).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,12 +8,12 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
 # The pipeline image, one reference for `make image push pipeline`: IMAGE if given (commit-tagged or a
-# digest), else $(REGISTRY)/sfddm:git-<12 hex of HEAD>. components/image.py prints it, or stops make with
+# digest), else $(REGISTRY)/sfddm:git-<12 hex of HEAD>. sfddm_runtime/image.py prints it, or stops make with
 # one line: a mutable tag, or uncommitted changes to files that go into the image. Worked out once, on
 # first use, so that targets that do not need it never run it.
 REGISTRY ?= ghcr.io/sfddm
 IMAGE ?=
-IMAGE_REF = $(eval IMAGE_REF := $(or $(shell $(PYTHON) components/image.py --registry '$(REGISTRY)' \
+IMAGE_REF = $(eval IMAGE_REF := $(or $(shell $(PYTHON) sfddm_runtime/image.py --registry '$(REGISTRY)' \
 	$(if $(IMAGE),--image '$(IMAGE)')),$(error no image reference, see the line above)))$(IMAGE_REF)
 # docker build -t and docker push need a tag; a digest (IMAGE=NAME@sha256:...) names an image already pushed.
 IMAGE_TAG = $(if $(findstring @,$(IMAGE_REF)),$(error IMAGE=$(IMAGE_REF) is a digest, which only \
@@ -34,11 +34,12 @@ run: install
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show
 
+# One pytest-xdist worker per core; a test file stays on one worker (its module fixtures are built once).
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n auto --dist loadfile -m "not integration"
 
 bench: install
 	$(BIN)/dvc repro train_classifier sample_teacher distill
@@ -47,7 +48,7 @@ bench: install
 	$(BIN)/sfddm bench attribution --results-page docs/benchmarks.md
 	$(BIN)/sfddm bench speed --results-page docs/benchmarks.md
 	$(BIN)/sfddm bench preemption --results-page docs/benchmarks.md
-	$(BIN)/python benchmarks/serving.py --results-page docs/benchmarks.md
+	$(BIN)/python -m benchmarks.serving --results-page docs/benchmarks.md
 
 # The champion (models:/sfddm-student@champion) of the registry at MLFLOW_TRACKING_URI (default
 # sqlite:///mlflow.db, as `make run` fills it) on http://127.0.0.1:5001 (POST /invocations).

@@ -1,6 +1,6 @@
 """Serving throughput: requests and images per second of the champion behind the real `mlflow models serve`.
 
-    python benchmarks/serving.py [--student models/student] [--requests 40] [--repeats 3] [--threads N] [--out reports]
+    python -m benchmarks.serving [--student models/student] [--requests 40] [--repeats 3] [--threads N] [--out reports]
 
 The student (models/student when it exists, else the default config's architecture untrained: the time
 of a request does not depend on the weights) is registered in a throwaway SQLite registry, forced to
@@ -12,8 +12,8 @@ answer, so a figure includes the HTTP and JSON work a caller pays. Three request
     16 rows     16 rows of num_images 1 (MLflow's batch of requests, sampled as one batch)
 Warm-up requests, then --repeats rounds of --requests timed requests of each shape in turn; median
 and range over the rounds.
-Writes reports/bench/serving.json and the "Serving" section of reports/benchmark.md (between
-SECTION_BEGIN and SECTION_END; the rest of the file is left as it is).
+Writes reports/bench/serving.json and renders reports/benchmark.md again (report.py; its "Serving"
+section is rendered from that file).
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,9 +30,6 @@ from pathlib import Path
 from typing import Optional
 
 import requests
-
-from sfddm_core.bench_report import SERVING_BEGIN as SECTION_BEGIN
-from sfddm_core.bench_report import SERVING_END as SECTION_END
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"1 image": [[1]], "16 images": [[16]], "16 rows of 1 image": [[1]] * 16}
@@ -102,10 +98,10 @@ def untrained_student(out_dir: Path, params: Path) -> Path:
                                     phi)
     unet = models.build_unet(cfg.teacher.unet, cfg.data.image_size, cfg.data.channels)
     spacing = cfg.student.spacing if isinstance(cfg.student.spacing, str) else list(cfg.student.spacing)
-    provenance = {"method": cfg.distill.method, "sampler": METHODS[cfg.distill.method].sampler, "phi": phi.tolist(),
-                  "teacher_timesteps": T, "student_steps": cfg.student.steps, "spacing": spacing,
-                  "teacher_source": "untrained", "teacher_sha256": "0" * 64}
-    models.save_student(unet, betas, out_dir, provenance, cfg.student.clip_denoised)
+    provenance = {"method": cfg.distill.method, "phi": phi.tolist(), "teacher_timesteps": T,
+                  "student_steps": cfg.student.steps, "spacing": spacing, "teacher_source": "untrained",
+                  "teacher_sha256": "0" * 64}
+    METHODS[cfg.distill.method].save(unet, betas, out_dir, provenance, cfg)
     return out_dir
 
 
@@ -157,39 +153,6 @@ def measure(url: str, count: int, repeats: int) -> dict:
     return results
 
 
-def section(result: dict) -> str:
-    def spread(values):
-        return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
-    student = ("`models/student` (trained)" if result["trained"] else
-               "the default config's student architecture, untrained (a request's time does not depend on "
-               "the weights)")
-    lines = [SECTION_BEGIN, "## Serving", "",
-             f"Machine: {result['machine']}. `mlflow models serve` (through `sfddm serve`: one uvicorn worker, "
-             f"`--env-manager local`) on 127.0.0.1 serving {student}: {result['model']}. One client sends "
-             "JSON requests (`dataframe_split`) one after another and decodes each answer. "
-             f"{result['warmup']} warm-up requests of each shape, then {result['repeats']} rounds of "
-             f"{result['requests']} timed requests of each shape in turn: median (min-max) over the rounds. "
-             "`python benchmarks/serving.py`; rerun on a quiet machine for figures to compare.", "",
-             "| request | images per request | requests/s | images/s | ms per request |", "|---|---|---|---|---|"]
-    for name, r in result["shapes"].items():
-        ms = [1000 * s / r["requests"] for s in r["seconds"]]
-        lines.append(f"| {name} | {r['images_per_request']} | {spread(r['requests_per_second'])} | "
-                     f"{spread(r['images_per_second'])} | {spread(ms)} |")
-    return "\n".join(lines + ["", SECTION_END])
-
-
-def write_section(benchmark_md: Path, text: str) -> None:
-    """Put the section between its markers in benchmark_md (appended the first time)."""
-    from sfddm_core.io import atomic_write_text
-    old = benchmark_md.read_text() if benchmark_md.is_file() else "# Benchmark\n"
-    begin, end = old.find(SECTION_BEGIN), old.find(SECTION_END)
-    if 0 <= begin < end:
-        new = old[:begin] + text + old[end + len(SECTION_END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    atomic_write_text(benchmark_md, new)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--student", type=Path, default=ROOT / "models" / "student")
@@ -207,7 +170,10 @@ def main(argv=None) -> int:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)     # the server's (it inherits the environment)
     import torch
     torch.set_num_threads(args.threads)                     # this process's too, which the report names
-    from sfddm_core import bench, config
+    from benchmarks import report
+    from benchmarks.common import machine
+    from sfddm_core import config
+    from sfddm_core.io import write_json
     model_name = config.load(args.params).registry.model_name
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -223,19 +189,17 @@ def main(argv=None) -> int:
             shapes = measure(url, args.requests, args.repeats)
             load_after = os.getloadavg()[0]
     # The server inherits this process's environment, so torch picks the same number of threads.
-    machine = (f"{len(os.sched_getaffinity(0))} cores; {bench.machine(torch.device('cpu'))}; load average "
-               f"{load_before:.1f} before, {load_after:.1f} after (other processes on the cores slow torch's threads)")
-    result = {"machine": machine, "trained": trained,
+    result = {"machine": f"{len(os.sched_getaffinity(0))} cores; {machine(torch.device('cpu'))}; load average "
+                         f"{load_before:.1f} before, {load_after:.1f} after (other processes on the cores slow "
+                         "torch's threads)",
+              "trained": trained,
               "model": described, "warmup": WARMUP_REQUESTS, "requests": args.requests, "repeats": args.repeats,
               "shapes": shapes}
-    (args.out / "bench").mkdir(parents=True, exist_ok=True)
-    (args.out / "bench" / "serving.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = section(result)
-    write_section(args.out / "benchmark.md", text)
+    write_json(args.out / "bench" / "serving.json", result)
+    benchmark_md = report.write(args.out)
     if args.results_page:
-        from sfddm_core import bench_report
-        bench_report.update_results_page(args.results_page, args.out / "benchmark.md")
-    print(text)
+        report.update_results_page(args.results_page, benchmark_md)
+    print(benchmark_md)
     return 0
 
 

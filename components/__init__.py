@@ -1,6 +1,6 @@
 """Kubeflow Pipelines components, one per sfddm stage, each a few lines around one sfddm_core call.
 
-All run in one image (components/image.py) that has the project installed: nothing is installed when a
+All run in one image (sfddm_runtime/image.py) that has the project installed: nothing is installed when a
 task starts, and the same component runs unchanged on a cluster and under kfp.local's SubprocessRunner.
 Every stage gets the resolved config as a JSON string (resolve_config) and builds its Config from it.
 """

@@ -1,7 +1,8 @@
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
-from .image import IMAGE
+from sfddm_runtime.image import IMAGE
+
 from .mlflow_link import mlflow_run_markdown
 from .reports import fid_curve_html
 
@@ -17,15 +18,15 @@ def distill(config: str, teacher_model: Input[Model], dataset: Input[Dataset], c
     plot; `metrics`, its last point), measured with the FID classifier.
 
     1 node x 1 GPU trains here; more launch a Kubeflow Trainer TrainJob running torchrun
-    (pipelines/launcher.py). Training state lives under shared_root (the mounted training volume), so a
+    (sfddm_runtime/launcher.py). Training state lives under shared_root (the mounted training volume), so a
     retry resumes; "" keeps none (a bare call of the component, a pipeline without the training volume).
     """
     import csv
     import json
     from pathlib import Path
 
-    from pipelines import launcher
     from sfddm_core import config as config_lib
+    from sfddm_runtime import launcher
 
     where = launcher.train_stage(
         "distill", config, data_dir=dataset.path, teacher_dir=teacher_model.path, out_dir=student_model.path,

@@ -2,7 +2,7 @@
 
 The function is embedded into every component whose stage opens an MLflow run (`additional_funcs`), so
 it imports what it uses inside its body, like a component does. SFDDM_MLFLOW_UI_URL
-(pipelines/settings.py MLFLOW_UI_ENV, an optional key of the settings ConfigMap) is the MLflow UI's address
+(sfddm_runtime/settings.py MLFLOW_UI_ENV, an optional key of the settings ConfigMap) is the MLflow UI's address
 as a browser reaches it (an ingress, a port-forward), where the steps' tracking URI is a Service name that
 only the cluster resolves.
 """

@@ -1,7 +1,8 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Markdown, Output
 
-from .image import IMAGE
+from sfddm_runtime.image import IMAGE
+
 from .mlflow_link import mlflow_run_markdown
 
 

@@ -3,7 +3,8 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Model, Output
 
-from .image import IMAGE
+from sfddm_runtime.image import IMAGE
+
 from .mlflow_link import mlflow_run_markdown
 
 

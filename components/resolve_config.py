@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from .image import IMAGE
+from sfddm_runtime.image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

@@ -1,7 +1,8 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Model, Output
 
-from .image import IMAGE
+from sfddm_runtime.image import IMAGE
+
 from .mlflow_link import mlflow_run_markdown
 
 
@@ -12,13 +13,13 @@ def train_teacher(config: str, dataset: Input[Dataset], teacher_model: Output[Mo
     """sfddm train-teacher: train the T-step teacher DDPM, or import the pretrained one.
 
     1 node x 1 GPU (or an import) trains here; more launch a Kubeflow Trainer TrainJob running torchrun
-    (pipelines/launcher.py). Training state lives under shared_root (the mounted training volume), so a
+    (sfddm_runtime/launcher.py). Training state lives under shared_root (the mounted training volume), so a
     retry resumes; "" keeps none (a bare call of the component, a pipeline without the training volume).
     """
     import json
     from pathlib import Path
 
-    from pipelines import launcher
+    from sfddm_runtime import launcher
 
     where = launcher.train_stage(
         "teacher", config, data_dir=dataset.path, out_dir=teacher_model.path, loss_csv=loss_log.path,

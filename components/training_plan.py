@@ -2,7 +2,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from .image import IMAGE
+from sfddm_runtime.image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -19,9 +19,9 @@ def training_plan(config: str, num_nodes: int, gpus_per_node: int, teacher_budge
     import json
     from collections import namedtuple
 
-    from pipelines import trainjob
     from sfddm_core import config as config_lib
     from sfddm_core.errors import SfddmError
+    from sfddm_runtime import trainjob
 
     for name, hours in (("teacher_budget_hours", teacher_budget_hours), ("distill_budget_hours", distill_budget_hours)):
         if not 0 < hours <= max_budget_hours:

@@ -1,8 +1,8 @@
-"""The sfddm Kubeflow pipeline (sfddm_pipeline.py), the ways to run it (runs.py), and what its training steps
-run (launcher.py, trainjob.py).
+"""The sfddm Kubeflow pipeline (sfddm_pipeline.py) and the ways to run it (runs.py).
 
-The pipeline names are imported on first use (PEP 562): a running step imports pipelines.launcher or
-pipelines.trainjob, and must not import kfp's compiler, which fails inside the KFP executor (settings.py).
+No pipeline step imports this package: what the training steps run is sfddm_runtime, below the components.
+The names are imported on first use (PEP 562), so that `import pipelines` loads no kfp until a command uses
+the pipeline (`sfddm pipeline trainjob` needs only sfddm_runtime).
 """
 import importlib
 

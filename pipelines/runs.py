@@ -19,9 +19,9 @@ import yaml
 from kfp import compiler, local
 from kfp_server_api.exceptions import ApiException
 
-from components import image as image_lib
 from sfddm_core import config
 from sfddm_core.errors import SfddmError
+from sfddm_runtime import image as image_lib
 
 from .sfddm_pipeline import DEFAULT_PARAMS, PIPELINE_RUN_ENV, build_pipeline, resolved_params
 

@@ -11,7 +11,7 @@ The registry's name and promotion gate are settings too (registry.model_name, re
 promote step applies the same gate as `dvc repro`'s, and a refusal is its recorded outcome. Every
 stage gets the whole resolved config: any change of settings re-runs every stage instead of risking a
 stale result from KFP's cache (dvc.yaml, which lists each stage's keys, is the finer-grained cache).
-GPU steps get the GPU profile (pipelines/gpu_profile.py); every step gets MLflow and object-store
+GPU steps get the GPU profile (sfddm_runtime/gpu_profile.py); every step gets MLflow and object-store
 settings from the run namespace (k8s/pipeline-runner) and the run id as SFDDM_PIPELINE_RUN, which groups
 its MLflow runs, and every step with a stage shows a link to its MLflow run (components/mlflow_link.py).
 The parameters' descriptions (shown by the KFP UI) are the pipeline function's docstring.
@@ -19,8 +19,8 @@ The parameters' descriptions (shown by the KFP UI) are the pipeline function's d
 Scale: `num_nodes` x `gpus_per_node` for the teacher and distill steps. At 1 x 1 (and for an imported
 teacher) the step trains in its own pod with one GPU; beyond, the step submits a Kubeflow Trainer TrainJob
 that runs torchrun on num_nodes pods and waits for it, at most the stage's budget (`teacher_budget_hours`,
-`distill_budget_hours`) (pipelines/launcher.py, pipelines/trainjob.py). training_plan decides which, at
-run time, and sizes the steps' pods to match: a step that waits for a TrainJob holds no GPU. Both steps
+`distill_budget_hours`) (sfddm_runtime/launcher.py, sfddm_runtime/trainjob.py). training_plan decides
+which, at run time, and sizes the steps' pods to match: a step that waits for a TrainJob holds no GPU. Both steps
 mount the ReadWriteMany claim `training_pvc` (k8s/overlays/kfp-runs) at trainjob.SHARED_MOUNT, where
 training state lives under checkpoints/<stage>/<settings fingerprint>: a retried step (set_retry) resumes
 it, in its pod or through a new TrainJob. Every step has a timeout (STEP_TIMEOUT_SECONDS; the training
@@ -38,15 +38,13 @@ from typing import Optional, Union
 from kfp import compiler, dsl, kubernetes
 
 import components
-from components import image as image_lib
 from sfddm_core import config
 from sfddm_core.errors import SfddmError
-
-from . import gpu_profile, launcher, trainjob
-# The run namespace's settings (names kept importable from here, as before they moved to settings.py).
-from .settings import (CPU_STEP, DEFAULT_BUDGET_HOURS, GPU_STEP, MLFLOW_SECRET, MLFLOW_SECRET_ENV, MLFLOW_UI_ENV,
-                       PIPELINE_RUN_ENV, POD_FIELDS, RUN_ID_FIELD, S3_SECRET, S3_SECRET_ENV, SETTINGS_CONFIG_MAP,
-                       SETTINGS_ENV, Resources)
+from sfddm_runtime import gpu_profile, launcher, trainjob
+from sfddm_runtime import image as image_lib
+from sfddm_runtime.settings import (CPU_STEP, DEFAULT_BUDGET_HOURS, GPU_STEP, MLFLOW_SECRET, MLFLOW_SECRET_ENV,
+                                    MLFLOW_UI_ENV, PIPELINE_RUN_ENV, POD_FIELDS, RUN_ID_FIELD, S3_SECRET, S3_SECRET_ENV,
+                                    SETTINGS_CONFIG_MAP, SETTINGS_ENV, Resources)
 
 PIPELINE_NAME = "sfddm"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +56,7 @@ COMPILED_PIPELINE = Path(__file__).with_name("sfddm_pipeline.yaml")
 # distill steps resume from their checkpoint on the training volume; the classifier (seconds) starts over.
 TRAINING_RETRIES = 2
 RETRY_BACKOFF = {"backoff_duration": "60s", "backoff_factor": 2.0, "backoff_max_duration": "600s"}
-# Image references are immutable (components/image.py: a commit tag or a digest), so a node's copy is
+# Image references are immutable (sfddm_runtime/image.py: a commit tag or a digest), so a node's copy is
 # never stale and IfNotPresent saves a pull per task; a new build is a new reference, hence a new pull.
 IMAGE_PULL_POLICY = "IfNotPresent"
 # Step timeouts (the pod's activeDeadlineSeconds, per try; Kubernetes then kills the pod): a step that hangs
@@ -93,7 +91,7 @@ def build_pipeline(params_path: Union[str, Path] = DEFAULT_PARAMS,
                    cpu_only: bool = False, max_budget_hours: float = DEFAULT_MAX_BUDGET_HOURS):
     """The pipeline function, with `params` defaulting to the content of params_path.
 
-    image: the reference every task runs (checked by components/image.py: commit-tagged or a digest);
+    image: the reference every task runs (checked by sfddm_runtime/image.py: commit-tagged or a digest);
     needed to compile for a cluster, not for kfp.local, which runs the tasks in this environment.
     shared_root: where the training steps find the training volume: its mount path on a cluster; a local
     folder for kfp.local, which does not mount volumes (runs.run_local).
@@ -143,7 +141,7 @@ def build_pipeline(params_path: Union[str, Path] = DEFAULT_PARAMS,
         on_gpu_pool(task, pod["gpus"])
         if training_volume:
             kubernetes.mount_pvc(task, pvc_name=pvc, mount_path=trainjob.SHARED_MOUNT)
-        # The launcher's own pod, which owns the TrainJob it creates (pipelines/settings.py).
+        # The launcher's own pod, which owns the TrainJob it creates (sfddm_runtime/settings.py).
         for variable, field_path in POD_FIELDS.items():
             kubernetes.use_field_path_as_env(task, variable, field_path)
         kubernetes.set_timeout(task, training_timeout)

@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--profile", choices=("fast", "full"), default="fast",
                              help="fast: minutes per variant on a CPU; full: params.yaml as is (a GPU)")
             sub.add_argument("--variants", type=lambda text: text.split(","), default=None,
-                             help="comma-separated subset of the sweep (default: all)")
+                             help="comma-separated subset of the sweep (default: the profile's variants)")
         elif name == "speed":
             sub.add_argument("--batch-size", type=_positive_int, default=None, help="default: 512 on a GPU, 64 on a CPU")
             sub.add_argument("--loop-steps", type=_positive_int, default=50, help="steps of the loop comparison")
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline = commands.add_parser("pipeline", help="the Kubeflow pipeline: compile it, run it here, submit it")
     pipeline.set_defaults(func=pipeline_command)
     actions = pipeline.add_subparsers(dest="action", required=True)
-    image = _OneLineErrorParser(add_help=False)     # components/image.py checks and derives the reference
+    image = _OneLineErrorParser(add_help=False)     # sfddm_runtime/image.py checks and derives the reference
     image.add_argument("--image", default=None, metavar="REF",
                        help="the image every task runs: REGISTRY/sfddm:git-<commit> or NAME@sha256:<digest> "
                             "(default: REGISTRY/sfddm:git-<HEAD>, refused while image files are uncommitted)")
@@ -246,22 +246,22 @@ def serve_command(args: argparse.Namespace, cfg) -> None:
 
 
 def bench_command(args: argparse.Namespace, cfg) -> int:
-    from sfddm_core import bench, bench_report
+    from benchmarks import attribution, preemption, quality, report, speed
     if args.action == "quality":
-        bench.quality(cfg, args.teacher, args.data, args.classifier, args.teacher_samples, args.out, args.profile,
-                      args.variants)
+        quality.quality(cfg, args.teacher, args.data, args.classifier, args.teacher_samples, args.out, args.profile,
+                        args.variants)
     elif args.action == "speed":
-        bench.speed(cfg, args.teacher, args.student, args.data, args.out, args.batch_size, args.loop_steps,
+        speed.speed(cfg, args.teacher, args.student, args.data, args.out, args.batch_size, args.loop_steps,
                     args.repeats, args.teacher_steps)
     elif args.action == "preemption":
-        bench.preemption(cfg, args.teacher, args.data, args.out)
+        preemption.preemption(cfg, args.teacher, args.data, args.out)
     else:
-        bench.step_attribution(cfg, args.teacher, args.student, args.data, args.classifier, args.teacher_samples,
-                               args.out)
-    report = bench_report.write(args.out)
+        attribution.step_attribution(cfg, args.teacher, args.student, args.data, args.classifier,
+                                     args.teacher_samples, args.out)
+    benchmark_md = report.write(args.out)
     if args.results_page:
-        bench_report.update_results_page(args.results_page, report)
-    print(report)
+        report.update_results_page(args.results_page, benchmark_md)
+    print(benchmark_md)
     return 0
 
 
@@ -281,7 +281,7 @@ def pipeline_command(args: argparse.Namespace, cfg) -> int:
         version = pipelines.run_local(args.params, dict(args.overrides), args.root, dict(args.arguments))
         print(f"registered model version {version}")
     elif args.action == "trainjob":
-        from pipelines import launcher
+        from sfddm_runtime import launcher
         print(launcher.review_yaml(args.stage, args.nodes, args.gpus_per_node, args.params, dict(args.overrides),
                                    args.image, args.registry, args.data, args.teacher, run_id=args.run_id,
                                    namespace=args.namespace, claim=args.training_pvc,

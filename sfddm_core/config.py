@@ -2,9 +2,11 @@
 
 Every key is declared below with its type and default; an unknown key, a wrong type or a value out of
 range raises ConfigError naming the dotted key and what was expected. Nothing downstream re-validates.
-A leaf: it knows no distillation method. `distill.method` is a plain name here; the table of methods
-(methods/__init__.py `checked`) checks the name and each method's own settings where settings enter a
-command that distils, so editing a method reruns only the stages that distil.
+A leaf: it knows no distillation method. `distill.method` is a plain name here, and `methods` holds each
+method's own settings as plain data (methods.<name>: a mapping of keys to values, typed by nothing here).
+The table of methods (methods/__init__.py `checked`) checks the name, and each method types and checks
+its own section (Method.settings, through `section` below), where settings enter a command that distils,
+so editing a method reruns only the stages that distil.
 """
 from __future__ import annotations
 
@@ -119,6 +121,9 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    # methods.<method name>: that method's own settings, plain data until the method types them
+    # (Method.settings_of); `distill` holds the settings the shipped methods share.
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def student_timesteps(self):
@@ -157,6 +162,12 @@ TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: 
 def _convert(value: Any, hint: Any, key: str) -> Any:
     """Check `value` against the type hint, converting lists to tuples; raise ConfigError if it does not fit."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(name): _convert(item, args[1], f"{key}.{name}") for name, item in value.items()}
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -196,6 +207,13 @@ def _build(cls, values: dict, prefix: str = ""):
             hint = f" (did you mean {prefix}{near[0]}?)" if near else ""
             raise ConfigError(f"{prefix}{name}: unknown key{hint}; expected one of {sorted(fields)}")
     return cls(**{name: _convert(values[name], hints[name], prefix + name) for name in values})
+
+
+def section(cls, values: dict, key: str):
+    """An instance of the dataclass `cls` from the plain mapping `values` found at the dotted `key`
+    (a method's own settings, methods.<name>): keys not given take cls's defaults; an unknown key or a
+    value of the wrong type raises ConfigError naming key.<field> and what was expected."""
+    return _convert(values, cls, key)
 
 
 def _walk(obj, prefix=""):

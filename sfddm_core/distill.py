@@ -69,7 +69,8 @@ def training_compute(log: list[dict]) -> dict:
 def run(cfg: Config, teacher_dir: Path, data_dir: Path, out_dir: Path, loss_csv: Path,
         checkpoint_dir: Optional[Path] = None, classifier: Optional[Path] = None,
         fid_csv: Optional[Path] = None) -> Path:
-    """sfddm distill: write the student as a diffusers DDIM pipeline folder plus sfddm.json.
+    """sfddm distill: write the student folder as its method saves it (Method.save: by default a diffusers
+    DDIM pipeline folder), beside sfddm_config.yaml, with sfddm.json.
 
     With checkpoint_dir, training state is saved there every distill.checkpoint_every updates and a
     rerun with the same settings, teacher and data resumes from it; it is removed once the outputs exist.
@@ -92,7 +93,6 @@ def run(cfg: Config, teacher_dir: Path, data_dir: Path, out_dir: Path, loss_csv:
         return out_dir
     provenance = {
         "method": cfg.distill.method,
-        "sampler": method.sampler,
         "phi": cfg.student_timesteps.tolist(),
         "teacher_timesteps": teacher.num_timesteps,
         "student_steps": cfg.student.steps,
@@ -103,7 +103,7 @@ def run(cfg: Config, teacher_dir: Path, data_dir: Path, out_dir: Path, loss_csv:
     }
     with atomic_dir(out_dir) as tmp:
         config_lib.save(cfg, tmp / "sfddm_config.yaml")     # first: sfddm.json hashes the files before it
-        models.save_student(student_unet, betas, tmp, provenance, cfg.student.clip_denoised)
+        method.save(student_unet, betas, tmp, provenance, cfg)
     write_loss_csv([{key: value for key, value in entry.items() if key not in CURVE_KEYS} for entry in log], loss_csv)
     if fid_csv is not None:
         write_loss_csv([{"step": entry["step"], **{key: entry[key] for key in CURVE_KEYS}}

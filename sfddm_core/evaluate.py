@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -43,8 +43,8 @@ def load_samples(path: Path) -> dict:
         return {"images": f["images"], "seconds": float(f["seconds"]), "nfe": int(f["nfe"])}
 
 
-def generate(cfg: Config, model: models.DiffusionModel, image_seeds, sampler: str = "ddim", timesteps=None,
-             **options) -> tuple[torch.Tensor, float]:
+def generate(cfg: Config, model: models.DiffusionModel, image_seeds, sampler: Union[str, samplers.Sampler] = "ddim",
+             timesteps=None, **options) -> tuple[torch.Tensor, float]:
     """samplers.generate with cfg's device, sampling batch size, precision and memory format."""
     return samplers.generate(model, image_seeds, sampler, timesteps, cfg.evaluate.batch_size, resolve_device(cfg.device),
                              precision=cfg.precision, channels_last=cfg.channels_last, **options)
@@ -106,8 +106,9 @@ def write_reports(report_dir: Path, grids: dict[str, np.ndarray], side_by_side: 
 
 def training_monitor(cfg: Config, abar: np.ndarray, timesteps: Optional[np.ndarray], clip_denoised: bool, key: str,
                      data_dir: Optional[Path] = None, classifier: Optional[Path] = None,
-                     sampler: str = "ddim") -> Callable[[torch.nn.Module, int], dict]:
-    """training.fit's monitor hook: a grid of the EMA model's samples by `sampler` (on `timesteps` of its
+                     sampler: Union[str, samplers.Sampler] = "ddim") -> Callable[[torch.nn.Module, int], dict]:
+    """training.fit's monitor hook: a grid of the EMA model's samples by `sampler` (a name or a Sampler,
+    e.g. the distilling method's; on `timesteps` of its
     schedule abar; None: all) logged to MLflow as image `key` at its update. With the FID classifier
     it also returns FID and KID of evaluate.num_samples samples against the test split, which join
     the training log (the FID-along-training curve)."""
@@ -127,11 +128,12 @@ def training_monitor(cfg: Config, abar: np.ndarray, timesteps: Optional[np.ndarr
     return monitor
 
 
-def interpolate(model: models.DiffusionModel, cfg: Config, frames: int = 10) -> torch.Tensor:
-    """The student's images along the spherical path between the noises of the first two seeds."""
+def interpolate(model: models.DiffusionModel, cfg: Config, sampler: Union[str, samplers.Sampler],
+                frames: int = 10) -> torch.Tensor:
+    """The model's images by `sampler` along the spherical path between the noises of the first two seeds."""
     a, b = samplers.gaussian(samplers.image_generators(seeds(cfg, 2)), model.image_shape, "cpu")
     noise = torch.stack([diffusion.slerp(a, b, w) for w in np.linspace(0.0, 1.0, frames)])
-    images, _ = generate(cfg, model, list(range(frames)), "ddim", noise=noise, desc="interpolation")
+    images, _ = generate(cfg, model, list(range(frames)), sampler, noise=noise, desc="interpolation")
     return images
 
 
@@ -153,9 +155,12 @@ def sample_to_files(cfg: Config, model_dir: Path, out_dir: Path, num_images: int
     return out_dir
 
 
-def student_metrics(cfg: Config, teacher_dir: Path, student_dir: Path, teacher_samples: Path, data_dir: Path,
-                    classifier_path: Path, metrics_path: Path, report_dir: Path) -> dict:
-    """sfddm evaluate: metrics/evaluate.json and the PNGs in reports/."""
+def student_metrics(cfg: Config, teacher_dir: Path, student_dir: Path, sampler: samplers.Sampler,
+                    teacher_samples: Path, data_dir: Path, classifier_path: Path, metrics_path: Path,
+                    report_dir: Path) -> dict:
+    """sfddm evaluate: metrics/evaluate.json and the PNGs in reports/. The student samples by `sampler`,
+    its method's (methods.student_sampler, which the caller looks up: this module, which sample-teacher
+    and train-teacher import too, depends on no method), the teacher's baseline by DDIM on its phi."""
     device, ec = resolve_device(cfg.device), cfg.evaluate
     teacher, student = models.load_model(teacher_dir), models.load_model(student_dir)
     phi = np.asarray(io.student_provenance(student_dir)["phi"])
@@ -165,9 +170,8 @@ def student_metrics(cfg: Config, teacher_dir: Path, student_dir: Path, teacher_s
                          f"evaluate.num_samples is {ec.num_samples}; rerun sfddm sample-teacher")
     runs = {"teacher_ddpm": (stored["teacher_ddpm"]["images"], stored["teacher_ddpm"]["seconds"],
                              stored["teacher_ddpm"]["nfe"])}
-    student_sampler = io.student_provenance(student_dir).get("sampler", "ddim")   # its method's sampler
     for name, model, timesteps, sampler in (("teacher_ddim", teacher, phi, "ddim"),
-                                            ("student", student, None, student_sampler)):
+                                            ("student", student, None, sampler)):
         images, seconds = generate(cfg, model, seeds(cfg, ec.num_samples), sampler, timesteps, desc=name)
         runs[name] = (data.to_uint8(images), seconds, len(phi))
     reference, _ = data.load_split(data_dir, "test")
@@ -186,6 +190,6 @@ def student_metrics(cfg: Config, teacher_dir: Path, student_dir: Path, teacher_s
         "num_samples": ec.num_samples,
     }
     write_reports(report_dir, {name: run[0] for name, run in runs.items()},
-                  (reference_full, runs["student"][0]), interpolate(student, cfg))
+                  (reference_full, runs["student"][0]), interpolate(student, cfg, sampler))
     write_json(metrics_path, metrics)
     return metrics

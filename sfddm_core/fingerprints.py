@@ -1,6 +1,6 @@
 """What a stage's training checkpoint can be resumed with: one definition for the stages (teacher.py,
 distill.py) and for the Kubeflow launcher, which names each checkpoint folder on the training volume after it
-(pipelines/trainjob.py checkpoint_path)."""
+(sfddm_runtime/trainjob.py checkpoint_path)."""
 from __future__ import annotations
 
 from . import config as config_lib
@@ -8,7 +8,7 @@ from . import data, io
 from .training import fingerprint
 
 # The settings a stage's checkpoint depends on (top-level params sections or keys): a resume needs them unchanged.
-CHECKPOINT_SECTIONS = {"teacher": ("seed", "teacher"), "distill": ("seed", "student", "distill")}
+CHECKPOINT_SECTIONS = {"teacher": ("seed", "teacher"), "distill": ("seed", "student", "distill", "methods")}
 
 
 def stage_fingerprint(cfg: config_lib.Config, stage: str, data_dir=None, teacher_dir=None) -> dict:

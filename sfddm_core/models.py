@@ -1,9 +1,11 @@
 """Models on disk and in memory: a diffusers UNet2DModel plus the float64 schedule it was trained on.
 
 Teachers are diffusers DDPM pipeline folders (`unet/`, `scheduler/`), read from a local path, an
-`s3://bucket/prefix` URI or a hub id; students are DDIM pipeline folders whose scheduler carries the
-student's own betas and T' training steps, so diffusers alone samples them. Every folder sfddm writes
-has an sfddm.json listing the sha256 of its other files, and load_model refuses one that no longer matches.
+`s3://bucket/prefix` URI or a hub id; students are written by their method (Method.save), by default as
+DDIM pipeline folders whose scheduler carries the student's own betas and T' training steps, so diffusers
+alone samples them. Every folder load_model reads has unet/ and scheduler/ (its betas), and every folder
+sfddm writes an sfddm.json listing the sha256 of its other files; load_model refuses one that no longer
+matches.
 """
 from __future__ import annotations
 

@@ -3,11 +3,16 @@
 A model is a UNet with its schedule abar (over its own timesteps); a sampler visits a decreasing subset
 of those timesteps. The teacher's DDIM on phi and the student's DDIM over T' are the same function:
 (teacher, timesteps = phi) and (student, timesteps = 0..T'-1) with abar'_i = abar_{phi_i}.
+
+Every sampler is a function of one signature, Sampler: (unet, x, timesteps, alphas_cumprod, generators,
+clip_denoised) -> images, x the starting noise at timesteps[-1] (the highest), generators one per image
+for any noise it adds. DDIM and DDPM are named here (SAMPLER_FUNCTIONS: the teacher's, `sfddm sample
+--sampler`); a distillation method brings its students' own (Method.sampler).
 """
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -17,7 +22,7 @@ from . import diffusion
 from . import models
 from .models import DiffusionModel
 
-SAMPLERS = ("ddim", "ddpm")
+Sampler = Callable[..., torch.Tensor]
 
 
 def image_generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -78,16 +83,17 @@ def ddpm_sample(unet, x: torch.Tensor, timesteps: Sequence[int], alphas_cumprod:
     return x
 
 
-SAMPLER_FUNCTIONS: dict[str, Callable] = {"ddim": ddim_sample, "ddpm": ddpm_sample}
+SAMPLER_FUNCTIONS: dict[str, Sampler] = {"ddim": ddim_sample, "ddpm": ddpm_sample}
 
 
-def generate(model: DiffusionModel, seeds: Sequence[int], sampler: str = "ddim",
+def generate(model: DiffusionModel, seeds: Sequence[int], sampler: Union[str, Sampler] = "ddim",
              timesteps: Optional[Sequence[int]] = None, batch_size: int = 250,
              device: torch.device = torch.device("cpu"), noise: Optional[torch.Tensor] = None,
              desc: str = "sampling", clip_denoised: Optional[bool] = None, precision: str = "fp32",
              channels_last: bool = False) -> tuple[torch.Tensor, float]:
     """Images in [-1, 1] (CPU, float32) for the given per-image seeds, and the seconds spent sampling.
 
+    sampler: a name in SAMPLER_FUNCTIONS or a Sampler function (a student's: methods.student_sampler).
     timesteps: a subset of the model's own timesteps (default: all). noise: explicit starting noise
     (used for interpolation); per-step DDPM noise still comes from the seeds. clip_denoised: clip x0 at
     every step (default: as the model's own scheduler says, model.clip_denoised).
@@ -98,7 +104,7 @@ def generate(model: DiffusionModel, seeds: Sequence[int], sampler: str = "ddim",
     clip_denoised = model.clip_denoised if clip_denoised is None else clip_denoised
     timesteps = np.arange(model.num_timesteps) if timesteps is None else np.asarray(timesteps)
     models.autocast(device, precision)          # refuses an unknown precision before any work
-    unet, sample = model.unet.to(device).eval(), SAMPLER_FUNCTIONS[sampler]
+    unet, sample = model.unet.to(device).eval(), SAMPLER_FUNCTIONS[sampler] if isinstance(sampler, str) else sampler
     models.to_channels_last(unet, device, channels_last)
     images, seconds = [], 0.0
     starts = range(0, len(seeds), batch_size)

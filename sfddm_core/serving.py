@@ -8,7 +8,8 @@ steps, as in diffusers' pipelines). The steps column is optional as a whole: wit
 takes all T' steps; with it every row needs a value (MLflow's schema check refuses nulls in a long).
 Output: uint8 images, shape (sum of num_images, H, W, C): row 0's images, then row 1's, and so on.
 Image k of a row starts from the noise of seed + k, as in `sfddm sample`, so a row's images do not
-depend on the other rows; rows with the same steps are sampled together, in batches.
+depend on the other rows; rows with the same steps are sampled together, in batches, by the sampler of
+the method that distilled the student (methods.student_sampler).
 A bad value is an MlflowException INVALID_PARAMETER_VALUE: HTTP 400 from `mlflow models serve`.
 """
 import mlflow
@@ -17,7 +18,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
-from sfddm_core import diffusion, io, models, samplers
+from sfddm_core import diffusion, methods, models, samplers
 from sfddm_core.io import resolve_device
 
 MAX_IMAGES = 256        # per row: a bound on one request's time and memory
@@ -28,7 +29,7 @@ STEPS_COLUMN = "num_inference_steps"
 class StudentModel(PythonModel):
     def load_context(self, context):
         self.model = models.load_model(context.artifacts["student"])
-        self.sampler = io.student_provenance(context.artifacts["student"]).get("sampler", "ddim")  # its method's
+        self.sampler = methods.student_sampler(context.artifacts["student"])
         self.device = resolve_device("auto")
 
     # A DataFrame hint makes MLflow infer no schema from it: the logged signature is the contract.

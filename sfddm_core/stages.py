@@ -70,9 +70,10 @@ def evaluate(cfg: Config, teacher_dir: Path, student_dir: Path, teacher_samples:
              classifier: Path, metrics: Path, reports: Path) -> dict:
     """FID, KID, speed and consistency (metrics JSON) and the sample grids (reports folder); returns the metrics."""
     from . import evaluate as evaluate_lib
+    from .methods import student_sampler        # the student samples by its method's sampler
     with tracked("evaluate", cfg):
-        results = evaluate_lib.student_metrics(cfg, teacher_dir, student_dir, teacher_samples, data_dir, classifier,
-                                               metrics, reports)
+        results = evaluate_lib.student_metrics(cfg, teacher_dir, student_dir, student_sampler(student_dir),
+                                               teacher_samples, data_dir, classifier, metrics, reports)
         tracking.log_metrics_file(metrics)
         tracking.log_artifacts(reports, "reports")
     return results

@@ -1,7 +1,17 @@
+import os
+from types import SimpleNamespace
+
+# `make test` runs the files on pytest-xdist workers, one per core: each worker's torch (and the processes
+# it starts) get their share of the cores, not all of them each, which would oversubscribe the machine.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from sfddm_cli import cli
 from sfddm_core import diffusion, models
 from sfddm_core.config import UNetConfig
 
@@ -69,3 +79,28 @@ def student_provenance(phi, teacher_timesteps: int = 1000, method: str = "sfddm"
     return {"method": method, "sampler": "ddim", "phi": [int(i) for i in phi], "teacher_timesteps": teacher_timesteps,
             "student_steps": len(phi), "spacing": "trailing", "teacher_source": "models/teacher",
             "teacher_sha256": "ab" * 32}
+
+
+@pytest.fixture(scope="session")
+def tiny_chain(tmp_path_factory):
+    """One tiny prepare -> train-classifier -> train-teacher -> sample-teacher -> distill run of the real CLI
+    on TINY_PARAMS, shared by every test that needs trained stage outputs. Read-only: a test that changes
+    a file copies it first. Attributes: root, params (the params.yaml), and a path per output (data,
+    classifier, teacher, samples, student)."""
+    root = tmp_path_factory.mktemp("tiny_chain")
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(TINY_PARAMS))
+    chain = SimpleNamespace(root=root, params=params, **{name: root / file for name, file in (
+        ("data", "data"), ("classifier", "classifier.pt"), ("teacher", "teacher"), ("samples", "samples"),
+        ("student", "student"))})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SFDDM_TRACKING", "off")
+        for args in (["prepare", "--out", chain.data],
+                     ["train-classifier", "--data", chain.data, "--out", chain.classifier],
+                     ["train-teacher", "--data", chain.data, "--out", chain.teacher, "--loss-csv", root / "teacher.csv",
+                      "--checkpoint-dir", root / "checkpoints"],
+                     ["sample-teacher", "--teacher", chain.teacher, "--out", chain.samples],
+                     ["distill", "--teacher", chain.teacher, "--data", chain.data, "--out", chain.student,
+                      "--loss-csv", root / "student.csv", "--checkpoint-dir", root / "checkpoints"]):
+            assert cli.main([*map(str, args), "--params", str(params)]) == 0, args
+    return chain

@@ -1,15 +1,21 @@
 """The benchmark's bookkeeping by hand: compute, targets, the report and the results page generated from it;
 the attribution's hybrid samplers against the samplers they are made of."""
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+import sfddm_core
+from benchmarks import attribution, quality, report
 from conftest import TINY_PARAMS, make_unet
 from sfddm_cli import cli
-from sfddm_core import bench, bench_report, config, diffusion, models, samplers, students
+from sfddm_core import config, diffusion, models, samplers, students
+from sfddm_core.errors import SfddmError
+from sfddm_core.methods import METHODS
 from sfddm_core.methods import sfddm as sfddm_method
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,29 +23,58 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_forward_equivalents_count_the_students_backward_as_two_forwards():
     compute = {"teacher_forwards": 600 * 128 * 8, "student_updates": 600}
-    assert bench.forward_equivalents(compute, 128) == 600 * 128 * 8 + 3 * 600 * 128
+    assert quality.forward_equivalents(compute, 128) == 600 * 128 * 8 + 3 * 600 * 128
 
 
 def test_compute_to_reach_is_the_first_point_at_or_below_the_target():
     curve = [{"compute": 10, "fid": 90.0}, {"compute": 20, "fid": 40.0}, {"compute": 30, "fid": 45.0}]
-    assert bench.compute_to_reach(curve, 40.0) == 20
-    assert bench.compute_to_reach(curve, 50.0) == 20
-    assert bench.compute_to_reach(curve, 39.9) is None
+    assert quality.compute_to_reach(curve, 40.0) == 20
+    assert quality.compute_to_reach(curve, 50.0) == 20
+    assert quality.compute_to_reach(curve, 39.9) is None
 
 
 def test_every_variant_is_a_valid_config_and_differs_from_base_only_where_it_says():
     cfg = config.load(ROOT / "params.yaml")
-    base = config.to_dict(bench.variant_config(cfg, "fast", {}))
-    assert base["distill"]["iterations"] == bench.PROFILES["fast"]["distill.iterations"]
-    for name, overrides in bench.SWEEP.items():
-        variant = config.to_dict(bench.variant_config(cfg, "fast", overrides))
+    base = config.to_dict(quality.variant_config(cfg, "fast", {}))
+    assert base["distill"]["iterations"] == quality.PROFILES["fast"]["distill.iterations"]
+    for name, overrides in quality.sweep().items():
+        variant = config.to_dict(quality.variant_config(cfg, "fast", overrides))
         changed = {f"{section}.{key}" for section in base if isinstance(base[section], dict)
                    for key in base[section] if base[section][key] != variant[section][key]}
         assert changed <= set(overrides), name
 
 
+def test_the_sweep_is_the_general_questions_and_each_methods_own_run_with_that_method(monkeypatch):
+    assert quality.sweep()["base"] == {} and quality.sweep()["lr=2e-3"] == {"distill.lr": 2e-3}
+    assert quality.sweep()["K=2"] == {"distill.method": "sfddm", "distill.substeps": 2}
+    assert quality.sweep()["progressive steps=10"] == {"distill.method": "progressive", "student.steps": 10}
+    # A method put in the table, with no questions of its own: one variant named after it, in the fast profile.
+    monkeypatch.setitem(METHODS, "toy", dataclasses.replace(METHODS["progressive"], name="toy", variants=None))
+    assert quality.sweep()["toy"] == {"distill.method": "toy"}
+    assert "toy" in quality.profile_variants("fast") and "iterations=1900" not in quality.profile_variants("fast")
+    assert "toy" not in quality.profile_variants("full")
+    monkeypatch.setitem(METHODS, "toy", dataclasses.replace(METHODS["progressive"], name="toy",
+                                                            variants={"K=2": {"distill.substeps": 2}}))
+    with pytest.raises(SfddmError, match="'toy': variant name 'K=2' is already in the sweep"):
+        quality.sweep()
+
+
+def test_stored_results_follow_the_library_code_but_not_the_stage_wrappers(tmp_path, monkeypatch):
+    library = tmp_path / "sfddm_core"
+    shutil.copytree(Path(sfddm_core.__file__).parent, library, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(sfddm_core, "__file__", str(library / "__init__.py"))
+    cfg = config.load(ROOT / "params.yaml")
+    before = quality.settings_hash(cfg, "teacher")
+    with open(library / "stages.py", "a") as handle:
+        handle.write("# a stage wrapper's change\n")
+    assert quality.settings_hash(cfg, "teacher") == before
+    with open(library / "methods" / "sfddm.py", "a") as handle:
+        handle.write("# a method's change\n")
+    assert quality.settings_hash(cfg, "teacher") != before
+
+
 def _variant(nfe, fids, method="sfddm", curve=((1000, 500.0), (4000, 30.0)), kid=(1.0, 3.0), consistency=0.2):
-    """A variant's result as bench.quality stores it: fids over the seed-set reruns, the first the main one."""
+    """A variant's result as quality.quality stores it: fids over the seed-set reruns, the first the main one."""
     return {"nfe": nfe, "fid": fids[0], "method": method, "phi": list(range(nfe)), "consistency_ratio": consistency,
             "reruns": [{"fid": f, "kid": kid[0], "kid_std": kid[1]} for f in fids],
             "settings": {"student": {"spacing": "trailing"}},
@@ -68,7 +103,7 @@ def test_targets_are_judged_on_the_means_over_seed_sets():
                       "ours_overhead_us_per_step": 150.0, "diffusers_overhead_us_per_step": 300.0,
                       "overhead_ours_over_diffusers": 0.5}}
     rows = {target: (measured, verdict) for target, measured, verdict in
-            bench_report.quality_targets(quality) + bench_report.speed_targets(speed)}
+            report.quality_targets(quality) + report.speed_targets(speed)}
     assert [verdict for _, verdict in rows.values()] == [
         "met",            # 14 <= 1.0 x 20
         "**missed**",     # KID 4 > 1 + 2 x 1
@@ -83,38 +118,58 @@ def test_targets_are_judged_on_the_means_over_seed_sets():
 
 
 def test_mean_sd_over_reruns_and_without():
-    assert bench_report.mean_sd(_baseline(4, [1.0, 3.0])) == (2.0, pytest.approx(2 ** 0.5))
-    assert bench_report.mean_sd({"fid": 5.0}) == (5.0, 0.0)
+    assert report.mean_sd(_baseline(4, [1.0, 3.0])) == (2.0, pytest.approx(2 ** 0.5))
+    assert report.mean_sd({"fid": 5.0}) == (5.0, 0.0)
 
 
 def test_results_section_demotes_headings_and_points_plots_at_the_report_folder():
     md = "# Benchmark\n\nintro\n\n## Quality\n\n![a](benchmark_fast_fid_vs_nfe.png)\n"
-    assert bench_report.results_section(md, "../reports") == \
+    assert report.results_section(md, "../reports") == \
         "intro\n\n### Quality\n\n![a](../reports/benchmark_fast_fid_vs_nfe.png)"
 
 
 def test_update_results_page_replaces_only_the_marked_block(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "reports").mkdir()
-    page, report = tmp_path / "docs" / "benchmarks.md", tmp_path / "reports" / "benchmark.md"
-    page.write_text(f"top\n{bench_report.RESULTS_BEGIN}\nold\n{bench_report.RESULTS_END}\nbottom\n")
-    report.write_text("# Benchmark\n\nnew numbers ![p](benchmark_x.png)\n")
-    bench_report.update_results_page(page, report)
-    assert page.read_text() == (f"top\n{bench_report.RESULTS_BEGIN}\nnew numbers ![p](../reports/benchmark_x.png)\n"
-                                f"{bench_report.RESULTS_END}\nbottom\n")
+    page, benchmark_md = tmp_path / "docs" / "benchmarks.md", tmp_path / "reports" / "benchmark.md"
+    page.write_text(f"top\n{report.RESULTS_BEGIN}\nold\n{report.RESULTS_END}\nbottom\n")
+    benchmark_md.write_text("# Benchmark\n\nnew numbers ![p](benchmark_x.png)\n")
+    report.update_results_page(page, benchmark_md)
+    assert page.read_text() == (f"top\n{report.RESULTS_BEGIN}\nnew numbers ![p](../reports/benchmark_x.png)\n"
+                                f"{report.RESULTS_END}\nbottom\n")
 
 
 def test_results_page_is_generated_from_the_committed_report():
     page = (ROOT / "docs" / "benchmarks.md").read_text()
-    begin = page.index(bench_report.RESULTS_BEGIN) + len(bench_report.RESULTS_BEGIN)
-    section = page[begin:page.index(bench_report.RESULTS_END)].strip()
-    assert section == bench_report.results_section((ROOT / "reports/benchmark.md").read_text(), "../reports")
+    begin = page.index(report.RESULTS_BEGIN) + len(report.RESULTS_BEGIN)
+    section = page[begin:page.index(report.RESULTS_END)].strip()
+    assert section == report.results_section((ROOT / "reports/benchmark.md").read_text(), "../reports")
+
+
+def test_the_committed_report_is_rendered_from_the_committed_results():
+    results = ROOT / "reports" / "bench"
+    qualities = {profile: json.loads((results / f"quality-{profile}.json").read_text()) for profile in quality.PROFILES}
+    others = (json.loads((results / f"{name}.json").read_text())
+              for name in ("speed", "preemption", "attribution", "serving"))
+    assert report.render(qualities, *others) == (ROOT / "reports" / "benchmark.md").read_text()
+
+
+def test_serving_section_is_rendered_from_serving_json(tmp_path):
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "serving.json").write_text(json.dumps({
+        "machine": "CPU", "trained": False, "model": "8x8x1 images", "warmup": 3, "requests": 40, "repeats": 3,
+        "shapes": {"16 images": {"rows": 1, "images_per_request": 16, "requests": 40, "seconds": [2.0, 1.6, 2.5],
+                                 "requests_per_second": [20.0, 25.0, 16.0],
+                                 "images_per_second": [320.0, 400.0, 256.0]}}}))
+    text = report.write(tmp_path).read_text()
+    assert "## Serving" in text and "3 rounds of 40 timed requests" in text
+    assert "| 16 images | 16 | 20.0 (16.0-25.0) | 320.0 (256.0-400.0) | 50.0 (40.0-62.5) |" in text
 
 
 def test_unknown_variant_is_refused(tmp_path):
     cfg = config.load(ROOT / "params.yaml")
     with pytest.raises(Exception, match="unknown"):
-        bench.quality(cfg, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, variants=["nope"])
+        quality.quality(cfg, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, variants=["nope"])
 
 
 def test_teacher_identity_follows_the_network_and_schedule_not_the_provenance(tmp_path):
@@ -123,11 +178,11 @@ def test_teacher_identity_follows_the_network_and_schedule_not_the_provenance(tm
                        ("sfddm.json", "{}")):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    before = bench.teacher_identity(tmp_path)
+    before = quality.teacher_identity(tmp_path)
     (tmp_path / "sfddm_config.yaml").write_text("a: 2")       # a setting the teacher does not depend on
-    assert bench.teacher_identity(tmp_path) == before
+    assert quality.teacher_identity(tmp_path) == before
     (tmp_path / "unet/diffusion_pytorch_model.safetensors").write_text("w2")
-    assert bench.teacher_identity(tmp_path) != before
+    assert quality.teacher_identity(tmp_path) != before
 
 
 def test_hybrid_sampler_is_the_students_ddim_or_the_teachers_ode_along_the_targets_path(linear_abar):
@@ -137,12 +192,12 @@ def test_hybrid_sampler_is_the_students_ddim_or_the_teachers_ode_along_the_targe
     student = models.DiffusionModel(student_unet, schedule.abar_student, clip_denoised=True)
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     students_ddim = samplers.ddim_sample(student_unet, x, range(4), schedule.abar_student)
-    assert torch.equal(bench.hybrid_sample(teacher_unet, student, schedule, 8, set(), x), students_ddim)
+    assert torch.equal(attribution.hybrid_sample(teacher_unet, student, schedule, 8, set(), x), students_ddim)
     path = sfddm_method.target_timesteps({"distill": {"trajectory_weight": 1.0, "substeps": 8},
                                           "teacher": {"num_train_timesteps": 1000},
                                           "student": {"steps": 4, "spacing": "trailing"}})
     teachers_ode = samplers.ddim_sample(teacher_unet, x, path, linear_abar, clip_denoised=False)
-    torch.testing.assert_close(bench.hybrid_sample(teacher_unet, student, schedule, 8, {0, 1, 2, 3}, x), teachers_ode)
+    torch.testing.assert_close(attribution.hybrid_sample(teacher_unet, student, schedule, 8, {0, 1, 2, 3}, x), teachers_ode)
 
 
 def test_local_error_is_zero_for_a_student_that_takes_the_teachers_own_step(linear_abar):
@@ -155,10 +210,10 @@ def test_local_error_is_zero_for_a_student_that_takes_the_teachers_own_step(line
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     copy = models.DiffusionModel(students.initial_student(teacher_unet, phi, "teacher", 0).eval(),
                                  schedule.abar_student, clip_denoised=False)
-    errors = bench.local_errors(teacher_unet, copy, schedule, 1, x)
+    errors = attribution.local_errors(teacher_unet, copy, schedule, 1, x)
     assert sorted(errors) == [0, 1, 2, 3] and max(errors.values()) < 1e-5
     other = models.DiffusionModel(make_unet(1), schedule.abar_student, clip_denoised=False)
-    assert min(bench.local_errors(teacher_unet, other, schedule, 1, x).values()) > 100 * max(errors.values())
+    assert min(attribution.local_errors(teacher_unet, other, schedule, 1, x).values()) > 100 * max(errors.values())
 
 
 def test_attribution_section_names_each_step_and_both_hybrids():
@@ -171,13 +226,13 @@ def test_attribution_section_names_each_step_and_both_hybrids():
                               "student_takes_only_this_step": row(19.0)},
                              {"step": 0, "t": 499, "s": -1, "local_error": 0.1, "teacher_takes_this_step": row(18.5),
                               "student_takes_only_this_step": row(21.5)}]}
-    text = "\n".join(bench_report.attribution_section(attribution))
+    text = "\n".join(report.attribution_section(attribution))
     assert "| student (every step by the student) | 23.00 ± 1.41 |" in text
     assert "| 1 (999 -> 499) | 0.050 | 22.00 ± 1.41 | 20.00 ± 1.41 |" in text
     assert "| 0 (499 -> data) | 0.100 | 19.50 ± 1.41 | 22.50 ± 1.41 |" in text
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_bench_attribution_runs_on_a_distilled_student_and_refuses_other_methods(tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(TINY_PARAMS))
@@ -199,7 +254,7 @@ def test_bench_attribution_runs_on_a_distilled_student_and_refuses_other_methods
     result = json.loads((tmp_path / "bench/bench/attribution.json").read_text())
     assert result["substeps"] == 4 and result["phi"] == [24, 49, 74, 99]       # T = 100, T' = 4, trailing
     assert [row["step"] for row in result["steps"]] == [3, 2, 1, 0]
-    assert all(len(row["teacher_takes_this_step"]["reruns"]) == bench.RERUN_SEED_SETS for row in result["steps"])
+    assert all(len(row["teacher_takes_this_step"]["reruns"]) == quality.RERUN_SEED_SETS for row in result["steps"])
     assert "| 0 (24 -> data) |" in (tmp_path / "bench/benchmark.md").read_text()
 
     assert sfddm("distill", "--teacher", paths["teacher"], "--data", paths["data"], "--out", str(tmp_path / "pd"),

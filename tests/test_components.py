@@ -11,10 +11,10 @@ from PIL import Image
 
 import components
 from components.mlflow_link import mlflow_run_markdown
-from pipelines.settings import MLFLOW_UI_ENV
 from components.reports import fid_curve_html, fid_table_markdown, sample_grids_html
 from sfddm_core import config
 from sfddm_core.errors import ConfigError
+from sfddm_runtime.settings import MLFLOW_UI_ENV
 
 @pytest.fixture
 def tiny_config():
@@ -44,7 +44,7 @@ def test_resolve_config_refuses_a_bad_setting_naming_its_key():
         components.resolve_config.python_func(params=json.dumps(TINY_PARAMS), settings="student.steps=8")
 
 
-@pytest.mark.slow      # real stages
+@pytest.mark.integration      # real stages
 def test_prepare_data_then_train_teacher(tmp_path, tiny_config):
     dataset = dsl.Dataset(uri=str(tmp_path / "dataset"))
     components.prepare_data.python_func(config=tiny_config, dataset=dataset,
@@ -92,7 +92,7 @@ def test_fid_curve_page_plots_fid_and_kid_along_distillation(tmp_path):
     assert "<tr><td>600</td><td>31.25</td><td>0.012</td></tr>" in page
 
 
-@pytest.mark.slow      # an MLflow store
+@pytest.mark.integration      # an MLflow store
 def test_mlflow_link_names_this_pipeline_runs_stage_run_at_the_ui_address(tmp_path, monkeypatch):
     from sfddm_core import tracking
 

@@ -26,7 +26,7 @@ BIN = Path(sys.executable).parent
 KILL_AT_STEP = Path(__file__).resolve().parent / "kill_at_step.py"     # runs sfddm, killed at a step
 TOLERANCE = 1e-2        # relative, on the outputs of the trained networks for fixed inputs
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

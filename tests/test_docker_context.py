@@ -1,6 +1,6 @@
 """`make image` (docker build -f components/Dockerfile .) sends the build context that .dockerignore leaves.
 Every COPY in the Dockerfile must find its sources in that context, the image's `pip install`s must find
-what they install, and components/image.py's IMAGE_INPUTS (what the commit-tag check watches) must cover
+what they install, and sfddm_runtime/image.py's IMAGE_INPUTS (what the commit-tag check watches) must cover
 every file the image takes. The context is computed by the Docker SDK's own .dockerignore filter."""
 import fnmatch
 import json
@@ -11,7 +11,7 @@ import pytest
 from docker.utils.build import exclude_paths
 from docker.utils.fnmatch import fnmatchcase
 
-from components import image as image_lib
+from sfddm_runtime import image as image_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = "components/Dockerfile"
@@ -158,7 +158,7 @@ def test_image_inputs_cover_every_file_the_image_takes(image):
         return path == spec or path.startswith(spec + "/") or fnmatch.fnmatchcase(path, spec)
 
     uncovered = sorted(path for path in copied if not any(covered(path, spec) for spec in image_lib.IMAGE_INPUTS))
-    assert not uncovered, f"the image takes {uncovered}, which components/image.py's IMAGE_INPUTS do not watch"
+    assert not uncovered, f"the image takes {uncovered}, which sfddm_runtime/image.py's IMAGE_INPUTS do not watch"
     read = copied | {".dockerignore", DOCKERFILE}
     unused = [spec for spec in image_lib.IMAGE_INPUTS if not any(covered(path, spec) for path in read)]
     assert not unused, f"IMAGE_INPUTS {unused} name nothing the image build reads"

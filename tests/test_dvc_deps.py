@@ -24,6 +24,8 @@ STAGE_MODULES = {"prepare": "data", "train_classifier": "fid", "train_teacher": 
 DISPATCH = ("stages", "config")     # config: the CLI loads the settings (sfddm_cli imports no other library module)
 # The registered model carries serving.py (MLflow loads it), so registration depends on it too.
 SHIPPED = {"register": {"serving"}}
+# evaluate samples the student by its method's sampler, which stages.evaluate looks up in the method table.
+METHOD_TABLE = {"evaluate": ("methods",)}
 
 
 def module_file(module: str) -> Path:
@@ -66,7 +68,8 @@ def import_closure(modules, lazy: bool = True) -> set[str]:
 
 def stage_modules(name: str) -> set[str]:
     """Every library module stage `name` imports: its own module's closure, and the dispatch's module-level one."""
-    return import_closure([STAGE_MODULES[name]]) | import_closure(DISPATCH, lazy=False) | SHIPPED.get(name, set())
+    return (import_closure([STAGE_MODULES[name], *METHOD_TABLE.get(name, ())]) | import_closure(DISPATCH, lazy=False)
+            | SHIPPED.get(name, set()))
 
 
 def declared_path(module: str) -> str:
@@ -124,7 +127,7 @@ def lock_the_library_as_it_is(project: Path) -> None:
     (project / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
 
 
-@pytest.mark.slow      # dvc subprocesses on a copy of the project
+@pytest.mark.integration      # dvc subprocesses on a copy of the project
 @pytest.mark.parametrize("edited", ["samplers.py", "diffusion.py", "training.py", "methods/sfddm.py"])
 def test_editing_a_library_file_reruns_the_stages_that_import_it(tmp_path, edited):
     """In a copy of the project whose dvc.lock records its library files: after an edit, `dvc status` reports the
@@ -156,4 +159,4 @@ def test_the_library_imports_no_module_that_imports_it_back():
         assert module not in import_closure(library_imports(module)), f"{module} imports itself back"
     assert stage_modules("prepare") == {"stages", "config", "data", "diffusion", "distributed", "errors", "io",
                                         "tracking"}
-    assert "methods.sfddm" not in set().union(*(stage_modules(name) for name in STAGE_MODULES if name != "distill"))
+    assert {name for name in STAGE_MODULES if "methods.sfddm" in stage_modules(name)} == {"distill", "evaluate"}

@@ -57,7 +57,7 @@ def champion_predicts(project) -> bool:
     return True
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_dvc_repro_end_to_end(project):
     first = dvc(project, "repro")
     for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]:
@@ -104,7 +104,7 @@ def sfddm(cwd, *args):
     return result.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_benchmarks_on_the_pipeline_outputs(project):
     """Both bench commands on the tiny project's teacher and student; a rerun reuses stored variants."""
     if not (project / "models/student").is_dir():

@@ -63,7 +63,7 @@ def stored_keys(s3_endpoint, bucket):
         Bucket=bucket).get("Contents", [])]
 
 
-@pytest.mark.slow      # a moto server and dvc subprocesses
+@pytest.mark.integration      # a moto server and dvc subprocesses
 def test_push_and_pull_through_the_s3_remote(tmp_path, s3_endpoint):
     remote = urlparse(committed("url"))
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=remote.netloc)
@@ -80,7 +80,7 @@ def test_push_and_pull_through_the_s3_remote(tmp_path, s3_endpoint):
 
 
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
-@pytest.mark.slow      # a moto server and dvc subprocesses
+@pytest.mark.integration      # a moto server and dvc subprocesses
 def test_remote_is_the_bucket_the_cluster_creates(tmp_path, s3_endpoint):
     """An object store holding exactly the buckets that k8s/'s bucket Job creates takes a `dvc push` to
     the committed remote, which is the URL the pipeline settings name, at the store they name."""

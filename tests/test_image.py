@@ -8,10 +8,10 @@ import sys
 import pytest
 import yaml
 
-from components import image as image_lib
 from pipelines import compile_pipeline
 from pipelines.sfddm_pipeline import REPO_ROOT
 from sfddm_core.errors import SfddmError
+from sfddm_runtime import image as image_lib
 
 COMMIT_IMAGE = "ghcr.io/sfddm/sfddm:git-0123456789abcdef"
 DIGEST_IMAGE = "registry.example:5000/team/sfddm@sha256:" + "ab" * 32
@@ -29,10 +29,12 @@ def clone(tmp_path_factory):
     committed on top (so that it also works before they are committed here); returns (path, HEAD)."""
     path = tmp_path_factory.mktemp("clone") / "sfddm"
     subprocess.run(["git", "clone", "--quiet", str(REPO_ROOT), str(path)], check=True)
-    for name in ("Makefile", ".dockerignore", "components/image.py", "components/Dockerfile"):
+    for name in ("Makefile", ".dockerignore", "sfddm_runtime/image.py", "components/Dockerfile"):
+        (path / name).parent.mkdir(exist_ok=True)
         shutil.copyfile(REPO_ROOT / name, path / name)
     if git(path, "status", "--porcelain"):
-        git(path, "commit", "--quiet", "-am", "this working tree's image code")
+        git(path, "add", "--all")
+        git(path, "commit", "--quiet", "-m", "this working tree's image code")
     return path, git(path, "rev-parse", "HEAD")
 
 
@@ -48,7 +50,7 @@ def images_in(package):
     return set(images.values())
 
 
-@pytest.mark.slow      # `sfddm pipeline compile` in a subprocess
+@pytest.mark.integration      # `sfddm pipeline compile` in a subprocess
 def test_every_executor_runs_the_image_given_at_compile_time(tmp_path):
     package = tmp_path / "cli.yaml"
     subprocess.run([*SFDDM, "pipeline", "compile", "--out", str(package), "--image", COMMIT_IMAGE],
@@ -118,7 +120,7 @@ def test_commit_tags_and_digests_are_accepted(reference):
     assert image_lib.check(reference) == reference
 
 
-@pytest.mark.slow      # `sfddm pipeline compile` in a subprocess
+@pytest.mark.integration      # `sfddm pipeline compile` in a subprocess
 def test_cli_refuses_a_mutable_tag_with_one_line(tmp_path):
     done = subprocess.run([*SFDDM, "pipeline", "compile", "--out", str(tmp_path / "x.yaml"),
                            "--image", "ghcr.io/sfddm/sfddm:0.1.0"], cwd=REPO_ROOT, capture_output=True, text=True)

@@ -1,13 +1,24 @@
-"""The library stands alone: sfddm_core imports neither kfp, dvc or Kubernetes nor the code that drives it
-(the CLI, the pipeline, the components), directly or through another module, lazily or not."""
+"""The layers import downwards only: sfddm_core <- sfddm_runtime <- components <- pipelines (sfddm_cli on top).
+
+The library stands alone: sfddm_core imports neither kfp, dvc or Kubernetes nor the code that drives it
+(the CLI, the pipeline, the components), directly or through another module, lazily or not. What a step
+runs besides the library (sfddm_runtime) imports no kfp and nothing above it, and no component imports
+the pipeline that uses it."""
 import ast
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ROOT / "sfddm_core"
-DRIVERS = {"kfp", "kfp_server_api", "kubernetes", "dvc", "sfddm_cli", "pipelines", "components"}
+RUNTIME = ROOT / "sfddm_runtime"
+COMPONENTS = ROOT / "components"
+DRIVERS = {"kfp", "kfp_server_api", "kubernetes", "dvc", "sfddm_cli", "pipelines", "components", "benchmarks"}
+# Above sfddm_runtime; kubernetes is allowed (the launcher talks to the cluster), kfp is not: a running step
+# cannot import kfp's compiler (sfddm_runtime/settings.py).
+ABOVE_RUNTIME = {"kfp", "kfp_server_api", "sfddm_cli", "pipelines", "components"}
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -34,6 +45,35 @@ def test_importing_every_library_module_loads_no_driver():
                      for path in LIBRARY.rglob("*.py") if path.name != "serving.py")
     code = (f"import importlib, sys\nfor name in {modules!r}: importlib.import_module(name)\n"
             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(DRIVERS)!r})))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def offenders(package: Path, forbidden: set[str]) -> dict[str, list[str]]:
+    found = {str(path.relative_to(ROOT)): sorted(imported_packages(path) & forbidden) for path in package.rglob("*.py")}
+    return {name: names for name, names in found.items() if names}
+
+
+def test_runtime_imports_nothing_above_it():
+    assert offenders(RUNTIME, ABOVE_RUNTIME) == {}
+
+
+def test_no_component_imports_the_pipeline_or_the_cli():
+    """Components import what they run inside their function bodies (KFP embeds only the body), and those
+    imports count: training_plan imports sfddm_core there alone."""
+    assert "sfddm_core" in imported_packages(COMPONENTS / "training_plan.py")
+    assert offenders(COMPONENTS, {"pipelines", "sfddm_cli"}) == {}
+
+
+@pytest.mark.integration       # a fresh interpreter importing the runtime (torch, through the library's config)
+def test_importing_every_runtime_module_loads_no_kfp():
+    """At run time too: what a step imports to train (the launcher and what it imports) pulls in no kfp,
+    components, pipelines or CLI."""
+    modules = sorted(".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                     for path in RUNTIME.rglob("*.py"))
+    code = (f"import importlib, sys\nfor name in {modules!r}: importlib.import_module(name)\n"
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(ABOVE_RUNTIME)!r})))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -33,7 +33,7 @@ import jsonschema
 import pytest
 import yaml
 
-from pipelines import settings
+from sfddm_runtime import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -413,12 +413,12 @@ def rights_of(calls: list) -> dict:
 
 
 def test_runner_role_grants_exactly_what_the_launcher_calls():
-    """Every method of pipelines/launcher.py's TrainJobs runs against recording stand-ins of the client
+    """Every method of sfddm_runtime/launcher.py's TrainJobs runs against recording stand-ins of the client
     APIs; the calls it makes, as (resource, verb), are granted by the runner's Role, and the Role grants
     nothing more on Kubeflow Trainer's resources or pod logs. (Pods' other verbs are KFP's.)"""
     from kubernetes import client
 
-    from pipelines import launcher, trainjob
+    from sfddm_runtime import launcher, trainjob
 
     calls: list = []
     rank0 = SimpleNamespace(metadata=SimpleNamespace(
@@ -514,7 +514,7 @@ def test_kueue_objects_validate_against_the_crds():
 def test_trainjobs_queue_in_a_local_queue_of_the_run_namespace():
     """The LocalQueue that TrainJobs name (settings.TRAINING_QUEUE) is in the run namespace and feeds a
     ClusterQueue that admits from that namespace, with a flavor that exists."""
-    from pipelines import trainjob
+    from sfddm_runtime import trainjob
 
     objects = kueue_objects()
     [local] = objects["LocalQueue"]
@@ -531,7 +531,7 @@ def test_trainjobs_queue_in_a_local_queue_of_the_run_namespace():
 
 def _largest_trainjob() -> dict:
     """The TrainJob of docs/kubeflow.md's largest example, distill on 2 nodes x 4 GPUs."""
-    from pipelines import launcher
+    from sfddm_runtime import launcher
     from sfddm_core import config
 
     cfg = config.load(ROOT / "params.yaml")
@@ -604,7 +604,7 @@ def test_gpu_quota_fits_the_steps_that_run_at_once_beside_an_admitted_trainjob()
     wait for each other (sample-teacher beside distill), the training steps sized by training_plan, plus,
     when a TrainJob trains, the ClusterQueue's whole GPU quota (Kueue admits TrainJobs within it). So an
     admitted TrainJob's pods are never refused by the quota, which would leave it half-started."""
-    from pipelines import trainjob
+    from sfddm_runtime import trainjob
     from sfddm_core import config
 
     docs = render("kfp-runs")
@@ -638,7 +638,7 @@ def test_cpu_only_path_needs_no_gpus_no_trainer_and_no_rwx_claim():
     """overlays/kfp-runs-cpu: the runner's identity and settings, and the training volume the pipeline
     mounts (its default training_pvc) as ReadWriteOnce from the default class; no GPU quota, Trainer
     runtime or Kueue queue."""
-    from pipelines import trainjob
+    from sfddm_runtime import trainjob
 
     docs = render("kfp-runs-cpu")
     one(docs, "ServiceAccount", "sfddm-pipeline-runner")
@@ -1221,7 +1221,7 @@ def script_secrets(tmp_path_factory) -> dict:
     return cluster.secrets()
 
 
-@pytest.mark.slow       # k8s/secrets.sh against the stand-in kubectl
+@pytest.mark.integration       # k8s/secrets.sh against the stand-in kubectl
 def test_secrets_script_makes_random_values_and_never_overwrites(tmp_path, script_secrets):
     cluster = FakeCluster(tmp_path)
     result = cluster.secrets_script(RUN_NAMESPACE)
@@ -1245,7 +1245,7 @@ def test_secrets_script_makes_random_values_and_never_overwrites(tmp_path, scrip
     assert "kept" in again.stdout and cluster.secrets() == first
 
 
-@pytest.mark.slow       # k8s/secrets.sh against the stand-in kubectl
+@pytest.mark.integration       # k8s/secrets.sh against the stand-in kubectl
 def test_secrets_script_keeps_but_flags_an_old_change_me_template(tmp_path):
     """A cluster that applied the old Secret templates: the Secret is kept (PostgreSQL may have been
     initialised with it), and the script says that it still holds the placeholder."""
@@ -1261,7 +1261,7 @@ def test_secrets_script_keeps_but_flags_an_old_change_me_template(tmp_path):
     assert "CHANGE_ME" not in json.dumps({n: d for n, d in cluster.secrets()[NAMESPACE].items() if n != "sfddm-postgres"})
 
 
-@pytest.mark.slow       # k8s/secrets.sh against the stand-in kubectl
+@pytest.mark.integration       # k8s/secrets.sh against the stand-in kubectl
 def test_secrets_script_flags_an_old_copy_of_mlflows_s3_key_in_the_run_namespace(tmp_path):
     """Earlier versions copied sfddm-mlflow-s3 to the run namespace for pipeline tasks; now only the
     MLflow server holds that key, so the script names the stale copy (and, as ever, deletes nothing)."""
@@ -1277,7 +1277,7 @@ def test_secrets_script_flags_an_old_copy_of_mlflows_s3_key_in_the_run_namespace
     assert cluster.secrets()[RUN_NAMESPACE]["sfddm-mlflow-s3"] == old
 
 
-@pytest.mark.slow       # k8s/secrets.sh against the stand-in kubectl
+@pytest.mark.integration       # k8s/secrets.sh against the stand-in kubectl
 def test_secrets_script_stops_without_the_namespaces(tmp_path):
     cluster = FakeCluster(tmp_path, namespaces=(NAMESPACE,))
     result = cluster.secrets_script("some-profile")

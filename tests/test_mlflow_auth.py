@@ -22,7 +22,7 @@ from sfddm_core import config, registry, tracking
 from test_k8s import KUBECTL, NAMESPACE, FakeCluster, container, env_map, one, pod_spec, render
 
 pytestmark = [pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed"),
-              pytest.mark.slow]      # MLflow servers behind the k8s auth setup: ~50 s
+              pytest.mark.integration]      # MLflow servers behind the k8s auth setup: ~50 s
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4

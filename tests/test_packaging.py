@@ -7,7 +7,7 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("sfddm_core", "components", "pipelines")
+PACKAGES = ("sfddm_core", "sfddm_runtime", "components", "pipelines", "benchmarks")
 
 
 def imported_top_level_modules() -> set[str]:

@@ -16,13 +16,13 @@ import yaml
 from conftest import TINY_PARAMS
 
 import components
-from components import image as image_lib
-from pipelines import gpu_profile, launcher, run_local, submit, trainjob
-from pipelines.sfddm_pipeline import (COMPILED_PIPELINE, CPU_STEP, GPU_STEP, REPO_ROOT, STEP_TIMEOUT_SECONDS,
-                                      compile_pipeline)
-from pipelines.settings import POD_FIELDS
+from pipelines import run_local, submit
+from pipelines.sfddm_pipeline import COMPILED_PIPELINE, REPO_ROOT, STEP_TIMEOUT_SECONDS, compile_pipeline
 from sfddm_core.errors import SfddmError
 from sfddm_core.tracking import flatten
+from sfddm_runtime import gpu_profile, launcher, trainjob
+from sfddm_runtime import image as image_lib
+from sfddm_runtime.settings import CPU_STEP, GPU_STEP, POD_FIELDS
 
 GPU_STEPS = {"train-teacher", "sample-teacher", "distill", "evaluate"}
 CPU_STEPS = {"resolve-config", "prepare-data", "training-plan", "train-classifier", "register", "promote"}
@@ -314,7 +314,7 @@ def test_submit_to_an_unreachable_host_fails_after_one_bounded_probe_with_one_li
     assert len(message.splitlines()) == 1 and "127.0.0.1:1" in message and "unreachable" in message
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_whole_pipeline_runs_locally_and_registers_a_champion(tmp_path, monkeypatch):
     import mlflow
 

@@ -163,7 +163,7 @@ def test_errors_are_one_line_and_leave_the_registry_unchanged(student, server_en
         registry.promote(name, max_fid=10.0)
 
 
-@pytest.mark.slow      # MLflow and moto servers, and the serving of the registered model
+@pytest.mark.integration      # MLflow and moto servers, and the serving of the registered model
 def test_register_promote_and_serve_with_s3_artifacts(student, mlflow_servers, monkeypatch):  # noqa: F811
     url = mlflow_servers.s3
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
@@ -200,7 +200,7 @@ print(json.dumps(decision.to_dict()))
 """
 
 
-@pytest.mark.slow      # ~10 s: two fresh processes; `-m "not slow"` keeps the registry tests quick
+@pytest.mark.integration      # ~10 s: two fresh processes; `-m "not integration"` keeps the registry tests quick
 def test_two_processes_racing_for_champion_end_with_the_better_one(student, server_env, tmp_path):
     name = "race"
     worse = register(student, 3.0, name).version

@@ -74,7 +74,7 @@ def run_here(argv) -> int:
         torch.set_num_threads(threads)
 
 
-@pytest.mark.slow      # five real teacher trainings, three of them in subprocesses: ~30 s
+@pytest.mark.integration      # five real teacher trainings, three of them in subprocesses: ~30 s
 def test_sigkilled_training_resumes_to_the_same_weights(project, capsys):
     assert run_here(teacher_args(project, "reference")) == 0       # uninterrupted
     assert not (project / "checkpoints-reference").exists()
@@ -293,7 +293,7 @@ def distill_args(folder: Path, name: str, *extra) -> list[str]:
             *extra]
 
 
-@pytest.mark.slow      # real stages: a teacher and three distillations
+@pytest.mark.integration      # real stages: a teacher and three distillations
 def test_interrupted_progressive_distillation_resumes_to_the_same_student(project, monkeypatch):
     """T = 100, phi = [49, 99]: 5 folds of 6 updates. A crash in fold 3 (after its checkpoint at
     update 4), then a rerun: folds 1-2 are repeated exactly, fold 3 resumes, and the student equals

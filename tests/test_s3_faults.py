@@ -18,7 +18,7 @@ from s3_faults import DROP, FAULT_KINDS, TRUNCATE, first_tries, moto_endpoint, p
 from sfddm_core import diffusion, io, models
 from sfddm_core.errors import SfddmError
 
-pytestmark = pytest.mark.slow      # a moto server, a fault proxy and dvc subprocesses: ~50 s
+pytestmark = pytest.mark.integration      # a moto server, a fault proxy and dvc subprocesses: ~50 s
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).parent / "dvc")

@@ -61,7 +61,7 @@ def invoke(url: str, rows: list, columns=COLUMNS) -> requests.Response:
                          timeout=120)
 
 
-@pytest.mark.slow       # registration and a real scoring server: ~40 s
+@pytest.mark.integration       # registration and a real scoring server: ~40 s
 def test_a_request_of_several_rows_gets_each_rows_images(server):
     url, champion = server
     rows = [[2, 0, STEPS], [3, 10, 2], [1, 5, STEPS]]     # rows 0 and 2 are sampled in one batch
@@ -81,7 +81,7 @@ def test_a_request_of_several_rows_gets_each_rows_images(server):
     assert default.status_code == 200 and np.array_equal(np.array(default.json()["predictions"]), images[:2])
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("row, code, message", [
     ([0, 0, 1], OURS, "row 1: num_images is 0; expected an integer from 1 to 256"),
     ([257, 0, 1], OURS, "row 1: num_images is 257; expected an integer from 1 to 256"),
@@ -100,7 +100,7 @@ def test_a_bad_request_gets_400_saying_what_was_expected(server, row, code, mess
     assert body["error_code"] == code and message in body["message"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_the_deployments_probes_and_model_are_what_the_server_answers(server):
     url, _ = server
     c = serving_container()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from sfddm_core import config
@@ -62,3 +63,17 @@ def test_dry_run_prints_the_resolved_settings_and_runs_nothing(tmp_path):
     resolved = yaml.safe_load(result.stdout)
     assert resolved["student"]["steps"] == 10 and flatten(resolved)["distill.lr"] == DEFAULTS["distill.lr"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_methods_section_is_plain_data_that_config_does_not_type():
+    """methods.<name> holds a method's own settings; config.py checks only that it is a mapping of mappings
+    (the method types its section: tests/test_methods.py), and carries it through overrides and to_dict."""
+    cfg = config.with_overrides({"methods": {"any": {"rate": "1e-4", "sizes": [1, 2]}}},
+                                {"methods.any.depth": 3, "methods.other.on": True})
+    assert cfg.methods == {"any": {"rate": "1e-4", "sizes": [1, 2], "depth": 3}, "other": {"on": True}}
+    assert config.to_dict(cfg)["methods"] == cfg.methods and config.Config().methods == {}
+    for values, message in (({"methods": ["any"]}, "methods: expected a mapping, got ['any']"),
+                            ({"methods": {"any": 3}}, "methods.any: expected a mapping, got 3")):
+        with pytest.raises(config.ConfigError) as err:
+            config.from_dict(values)
+        assert str(err.value) == message

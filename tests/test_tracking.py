@@ -136,7 +136,7 @@ def test_tracking_off_logs_nothing(tracking_db, tmp_path, monkeypatch):
     assert run is None
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_training_losses_reach_mlflow_while_the_stage_still_runs(tracking_db, tmp_path):
     """A real `sfddm train-teacher` in another process: its run shows loss history while RUNNING, and
     ends with every step's loss, a sample grid per monitor point (images with their step) and the

@@ -8,7 +8,7 @@
   retry (handing the job to the retry's pod), failure, timeout, a replaced job, API errors, a job queued
   by Kueue, and a real SIGTERM / SIGINT while it waits (the job is deleted, the step fails).
 - The training components: in their pod with checkpoints under the shared root, or through a TrainJob.
-- (slow) A kfp.local run whose training step is killed at a chosen step, after its checkpoint on the
+- (integration) A kfp.local run whose training step is killed at a chosen step, after its checkpoint on the
   shared root; the retry resumes from it and ends with the uninterrupted run's loss log.
 """
 from __future__ import annotations
@@ -36,13 +36,13 @@ from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
 
 import components
-from pipelines import gpu_profile, launcher, trainjob
-from pipelines.settings import MLFLOW_SECRET, POD_NAME_ENV, POD_UID_ENV, TRAINING_QUEUE
-from pipelines.sfddm_pipeline import GPU_STEP, REPO_ROOT
+from pipelines.sfddm_pipeline import REPO_ROOT
 from sfddm_cli import cli
 from sfddm_core import config, fingerprints
 from sfddm_core import teacher as teacher_lib
 from sfddm_core.errors import SfddmError
+from sfddm_runtime import gpu_profile, launcher, trainjob
+from sfddm_runtime.settings import GPU_STEP, MLFLOW_SECRET, POD_NAME_ENV, POD_UID_ENV, TRAINING_QUEUE
 
 SCHEMAS = Path(__file__).parent / "data" / "kubeflow-trainer-v2.3.0"
 KUBECTL = shutil.which("kubectl")
@@ -918,7 +918,7 @@ def read_losses(path: Path) -> list[tuple[int, float]]:
         return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(f)]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_kfp_local_training_step_killed_then_retried_resumes_from_its_checkpoint(tmp_path):
     """The teacher step of a kfp.local run saves its state under the shared root (the training volume's
     stand-in) and is SIGKILLed with the run right after its first checkpoint (at step 10, by

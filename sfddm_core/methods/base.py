@@ -5,37 +5,78 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
-from .. import diffusion, distributed, training
+from .. import config as config_lib
+from .. import diffusion, distributed, models, samplers, training
 from ..config import Config
+from ..errors import ConfigError
 from ..training import Checkpoint
 
 Batch = tuple[torch.Tensor, torch.Tensor]       # (x0, eps): training images and their noise
 
 
+def save_ddim_pipeline(unet: torch.nn.Module, betas: np.ndarray, folder: Path, provenance: dict, cfg: Config) -> None:
+    """Method.save's default: a diffusers DDIM pipeline over the student's steps, clipping x0-hat as
+    student.clip_denoised says, with its model card and sfddm.json."""
+    models.save_student(unet, betas, folder, provenance, cfg.student.clip_denoised)
+
+
 @dataclass(frozen=True)
 class Method:
-    """A distillation method, registered by name in sfddm_core.methods.METHODS.
+    """A distillation method, registered by name in sfddm_core.methods.METHODS. It owns its whole student:
+    how it is trained, parameterised, saved and sampled, and the settings of its own.
 
     train(distillation) -> (EMA student UNet, log): the student learns to take distillation.schedule's
     T' steps, called with step indices 0..T'-1; each log entry carries the cumulative "teacher_forwards".
     describe(settings) -> its objective in a line of the benchmark report (settings: config.to_dict).
     check(cfg): cross-field checks of the settings the method needs (raise ConfigError).
-    sampler: how its students sample (samplers.SAMPLER_FUNCTIONS; the student folder is a diffusers
-    DDIM pipeline over the T' steps). target_timesteps(settings): the teacher timesteps its targets visit,
+    settings: a dataclass of the method's own settings, params' methods.<name> (None: it has none), which
+    train reads typed by `settings_of`; methods.checked types every section given before any work. The
+    settings the shipped methods share stay in `distill`.
+    sampler: how its students sample, a samplers.Sampler function (unet, x, timesteps, alphas_cumprod,
+    generators, clip_denoised) -> images over the student's own steps 0..T'-1 (alphas_cumprod: abar').
+    It applies the student's parameterisation at sampling time and gets no settings (what it needs
+    beyond the UNet and its schedule is the method's constant). sfddm evaluate, serving and the benchmark
+    sample every student by its method's sampler (methods.student_sampler, by sfddm.json's "method").
+    Default: DDIM.
+    save(student UNet, betas, folder, provenance, cfg): writes the student into folder (which holds only
+    sfddm_config.yaml so far): a diffusers pipeline folder that models.load_model reads, i.e. unet/ (an
+    eps-headed UNet2DModel), scheduler/scheduler_config.json with the student's betas over its T' steps
+    and prediction_type epsilon, and sfddm.json last (models.write_manifest(folder, provenance)).
+    Default: a diffusers DDIM pipeline over the T' steps with its model card (models.save_student), which
+    diffusers alone samples right for a DDIM student; a student sampled otherwise writes its own.
+    target_timesteps(settings): the teacher timesteps its targets visit,
     if they follow the teacher's ODE; the benchmark samples the teacher along them, the sampler a
     perfect student would copy.
+    variants: the benchmark questions this method asks, variant name -> overrides of the settings (run
+    with this method); None means one variant named after the method with no overrides.
     """
     name: str
     train: Callable[["Distillation"], tuple[torch.nn.Module, list[dict]]]
     describe: Callable[[dict], str]
     check: Callable[[Config], None] = lambda cfg: None
-    sampler: str = "ddim"
+    settings: Optional[type] = None
+    sampler: samplers.Sampler = samplers.ddim_sample
+    save: Callable[[torch.nn.Module, np.ndarray, Path, dict, Config], None] = save_ddim_pipeline
     target_timesteps: Callable[[dict], Optional[np.ndarray]] = lambda settings: None
+    variants: Optional[dict[str, dict]] = None
+
+    def settings_of(self, cfg: Config) -> Any:
+        """The method's own settings in cfg (methods.<name>), an instance of `settings` with its defaults
+        for keys not given; ConfigError on an unknown key or a wrong type, naming the key and what was
+        expected. None for a method without settings, which refuses any."""
+        values = cfg.methods.get(self.name, {})
+        if self.settings is None:
+            if values:
+                raise ConfigError(f"methods.{self.name}: {self.name!r} has no settings of its own, got "
+                                  f"{sorted(values)}; expected none (its settings are in distill)")
+            return None
+        return config_lib.section(self.settings, values, f"methods.{self.name}")
 
 
 class ForwardCount:

@@ -109,4 +109,9 @@ def describe(settings: dict) -> str:
     return "progressive (2 teacher DDIM steps)" + (", eps loss" if settings["distill"].get("step_loss", "eps") == "eps" else "")
 
 
-METHOD = Method("progressive", train, describe, check)
+METHOD = Method("progressive", train, describe, check, variants={
+    "progressive": {},
+    "progressive steps=10": {"student.steps": 10},
+    "progressive clip_substeps": {"distill.clip_substeps": True},
+    "progressive step_loss=eps": {"distill.step_loss": "eps"},
+})

@@ -197,4 +197,15 @@ def target_timesteps(settings: dict) -> Optional[np.ndarray]:
     return np.unique(np.concatenate([diffusion.teacher_path(t, s, d["substeps"])[:-1] for t, s in zip(phi, previous)]))
 
 
-METHOD = Method("sfddm", train, describe, check, target_timesteps=target_timesteps)
+METHOD = Method("sfddm", train, describe, check, target_timesteps=target_timesteps, variants={
+    "objective=pointwise": {"distill.pointwise_weight": 1.0, "distill.trajectory_weight": 0.0},
+    "objective=both": {"distill.pointwise_weight": 1.0, "distill.trajectory_weight": 1.0},
+    "K=2": {"distill.substeps": 2},
+    "K=4": {"distill.substeps": 4},
+    "K=32": {"distill.substeps": 32},
+    "lambda_h=1": {"distill.hidden_weight": 1.0},
+    "inputs=teacher_path": {"distill.inputs": "teacher_path"},
+    "step_sampling=loss": {"distill.step_sampling": "loss"},
+    "clip_substeps": {"distill.clip_substeps": True},
+    "step_loss=eps": {"distill.step_loss": "eps"},
+})

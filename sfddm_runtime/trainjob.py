@@ -1,7 +1,7 @@
 """Kubeflow Trainer v2 TrainJobs for the training stages, as plain manifests (no cluster needed).
 
 A training step of the pipeline (teacher or distill) either trains in its own pod (1 node x 1 GPU, or an
-imported teacher: `placement`) or has pipelines/launcher.py submit the TrainJob built here, which runs
+imported teacher: `placement`) or has sfddm_runtime/launcher.py submit the TrainJob built here, which runs
 the same image with
 
     torchrun --no-python sfddm train-teacher|distill --params ... --checkpoint-dir ...
@@ -210,7 +210,7 @@ def manifest(stage: str, *, name: str, image: str, num_nodes: int, gpus_per_node
     """The TrainJob that runs `sfddm <stage>` under torchrun on num_nodes pods of gpus_per_node GPUs,
     queued by Kueue in settings.TRAINING_QUEUE.
 
-    gpu: a pipelines.gpu_profile.GpuProfile (node selector, toleration, accelerator resource name), or None
+    gpu: a sfddm_runtime.gpu_profile.GpuProfile (node selector, toleration, accelerator resource name), or None
     for a job without GPUs. checkpoint_dir: under `root` (checkpoint_path). budget_seconds: the job's
     activeDeadlineSeconds (Trainer fails it with reason DeadlineExceeded; the time it waits suspended in
     Kueue's queue does not count). run_id: labelled on the job. owner: its owner_reference (none for a

@@ -2,7 +2,7 @@
 execute: the settings ConfigMap and the Secrets that k8s/pipeline-runner and k8s/README.md ("Secrets")
 create there, and the run id.
 
-Standard library only: pipelines/launcher.py imports it inside a running step, where kfp's compiler
+Standard library only: sfddm_runtime/launcher.py imports it inside a running step, where kfp's compiler
 cannot be imported (the KFP executor has loaded only part of kfp.dsl, and kfp.compiler's imports then
 run into a partially initialised kfp.dsl.pipeline_context).
 """

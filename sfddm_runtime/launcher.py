@@ -1,6 +1,6 @@
 """What the pipeline's training steps (components/train_teacher.py, components/distill.py) run.
 
-`train_stage` trains the stage in the step's own pod when it runs as 1 node x 1 GPU (pipelines/trainjob.py
+`train_stage` trains the stage in the step's own pod when it runs as 1 node x 1 GPU (sfddm_runtime/trainjob.py
 `placement`), as before; otherwise it submits the stage's Kubeflow Trainer TrainJob (trainjob.manifest),
 waits for it and copies what it wrote to the step's output artifacts. Either way the training state lives
 on the shared volume under checkpoints/<stage>/<fingerprint>, so a retried step (KFP set_retry), a
@@ -58,6 +58,7 @@ from sfddm_core import config as config_lib
 from sfddm_core.errors import SfddmError
 
 from . import gpu_profile as gpu_profile_lib
+from . import image as image_lib
 from . import trainjob
 from .settings import (DEFAULT_BUDGET_HOURS, MLFLOW_SECRET, MLFLOW_SECRET_ENV, PIPELINE_RUN_ENV,
                        POD_NAME_ENV, POD_UID_ENV, SETTINGS_CONFIG_MAP, SETTINGS_ENV)
@@ -162,7 +163,7 @@ def trainjob_env(environ=None) -> list[dict]:
     """trainer.env of the training TrainJobs: the settings and the MLflow credentials every pipeline step
     gets (sfddm_pipeline._with_run_settings), by reference, and PASSED_ENV's values from `environ`. No S3
     key: a TrainJob reads its inputs from the training volume and logs through the MLflow server.
-    (Imports nothing of kfp: this runs inside a step; see pipelines/settings.py.)"""
+    (Imports nothing of kfp: this runs inside a step; see sfddm_runtime/settings.py.)"""
     environ = environ or {}
     sources = [("configMap", SETTINGS_CONFIG_MAP, SETTINGS_ENV), ("secret", MLFLOW_SECRET, MLFLOW_SECRET_ENV)]
     return trainjob.settings_env(sources, {name: environ.get(name) for name in PASSED_ENV})
@@ -194,7 +195,6 @@ def review_yaml(stage: str, num_nodes: int, gpus_per_node: int, params_path, ove
     checkpoint fingerprint covers. The settings are params_path with overrides; the input folders count
     where they exist (data_dir with its meta.json; teacher_dir for distill), as the launcher counts the
     step's inputs. image as for `sfddm pipeline compile` (default REGISTRY/sfddm:git-<HEAD>)."""
-    from components import image as image_lib
     from sfddm_core import fingerprints
 
     stage = {"train-teacher": "teacher"}.get(stage, stage)

@@ -19,7 +19,7 @@ printed for a test build) and own that choice.
 
 Standard library only, so that the Makefile can run it with any python3 before the venv exists:
 
-    python3 components/image.py [--registry ghcr.io/sfddm] [--image REF]
+    python3 sfddm_runtime/image.py [--registry ghcr.io/sfddm] [--image REF]
 
 prints the reference, or one line on stderr and exit status 2.
 """
@@ -46,7 +46,8 @@ COMMIT_DIGITS = 12
 # tests/test_docker_context.py checks them against the files the Dockerfile copies. Not the compiled
 # pipelines/*.yaml: the image leaves it out, so recompiling the pipeline does not make the tree dirty for the image.
 IMAGE_INPUTS = (".dockerignore", "components/Dockerfile", "requirements.lock", "pyproject.toml",
-                "README.md", "sfddm_core", "sfddm_cli", "components", "pipelines/*.py")
+                "README.md", "sfddm_core", "sfddm_runtime", "sfddm_cli", "components", "pipelines/*.py",
+                "benchmarks/*.py")
 # The image of the components as defined at import time. Only a compiled pipeline needs a real image,
 # and compile_pipeline/submit always set one (set_container_image); kfp.local ignores it.
 IMAGE = f"{IMAGE_NAME}:unset-give-an-image-when-compiling"
