@@ -76,7 +76,7 @@ def save_tiny_student(root, steps: int = 4):
 
 def student_provenance(phi, teacher_timesteps: int = 1000, method: str = "sfddm") -> dict:
     """The sfddm.json provenance that `sfddm distill` writes, for a student saved by a test."""
-    return {"method": method, "sampler": "ddim", "phi": [int(i) for i in phi], "teacher_timesteps": teacher_timesteps,
+    return {"method": method, "phi": [int(i) for i in phi], "teacher_timesteps": teacher_timesteps,
             "student_steps": len(phi), "spacing": "trailing", "teacher_source": "models/teacher",
             "teacher_sha256": "ab" * 32}
 
@@ -104,3 +104,15 @@ def tiny_chain(tmp_path_factory):
                       "--loss-csv", root / "student.csv", "--checkpoint-dir", root / "checkpoints"]):
             assert cli.main([*map(str, args), "--params", str(params)]) == 0, args
     return chain
+
+
+# The files that take longest (minutes of real stages, dvc, kfp.local, torchrun), started first so that
+# `make test`'s workers end together instead of one finishing a long file alone (pytest-xdist hands out
+# files in collection order).
+LONGEST_FIRST = ("test_dvc_e2e.py", "test_distributed.py", "test_pipeline.py", "test_trainjob.py", "test_tracking.py",
+                 "test_mlflow_auth.py", "test_resume.py", "test_methods.py", "test_registry.py", "test_s3_faults.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))      # stable: the rest keep their order

@@ -13,7 +13,7 @@ import sfddm_core
 from benchmarks import attribution, quality, report
 from conftest import TINY_PARAMS, make_unet
 from sfddm_cli import cli
-from sfddm_core import config, diffusion, models, samplers, students
+from sfddm_core import config, diffusion, io, models, samplers, students
 from sfddm_core.errors import SfddmError
 from sfddm_core.methods import METHODS
 from sfddm_core.methods import sfddm as sfddm_method
@@ -233,32 +233,28 @@ def test_attribution_section_names_each_step_and_both_hybrids():
 
 
 @pytest.mark.integration
-def test_bench_attribution_runs_on_a_distilled_student_and_refuses_other_methods(tmp_path, capsys):
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(TINY_PARAMS))
-    paths = {name: str(tmp_path / name) for name in ("data", "classifier.pt", "teacher", "samples", "student", "bench")}
+def test_bench_attribution_runs_on_a_distilled_student_and_refuses_other_methods(tiny_chain, tmp_path, capsys):
+    def attribution_of(student) -> int:
+        return cli.main(["bench", "attribution", "--student", str(student), "--params", str(tiny_chain.params),
+                         "--teacher", str(tiny_chain.teacher), "--data", str(tiny_chain.data), "--classifier",
+                         str(tiny_chain.classifier), "--teacher-samples", str(tiny_chain.samples),
+                         "--out", str(tmp_path / "bench")])
 
-    def sfddm(*args) -> int:
-        return cli.main([*args, "--params", str(params)])
-
-    assert sfddm("prepare", "--out", paths["data"]) == 0
-    assert sfddm("train-classifier", "--data", paths["data"], "--out", paths["classifier.pt"]) == 0
-    assert sfddm("train-teacher", "--data", paths["data"], "--out", paths["teacher"],
-                 "--loss-csv", str(tmp_path / "teacher.csv")) == 0
-    assert sfddm("sample-teacher", "--teacher", paths["teacher"], "--out", paths["samples"]) == 0
-    assert sfddm("distill", "--teacher", paths["teacher"], "--data", paths["data"], "--out", paths["student"],
-                 "--loss-csv", str(tmp_path / "student.csv")) == 0
-    common = ["--teacher", paths["teacher"], "--data", paths["data"], "--classifier", paths["classifier.pt"],
-              "--teacher-samples", paths["samples"], "--out", paths["bench"]]
-    assert sfddm("bench", "attribution", "--student", paths["student"], *common) == 0
+    assert attribution_of(tiny_chain.student) == 0
     result = json.loads((tmp_path / "bench/bench/attribution.json").read_text())
     assert result["substeps"] == 4 and result["phi"] == [24, 49, 74, 99]       # T = 100, T' = 4, trailing
     assert [row["step"] for row in result["steps"]] == [3, 2, 1, 0]
     assert all(len(row["teacher_takes_this_step"]["reruns"]) == quality.RERUN_SEED_SETS for row in result["steps"])
     assert "| 0 (24 -> data) |" in (tmp_path / "bench/benchmark.md").read_text()
 
-    assert sfddm("distill", "--teacher", paths["teacher"], "--data", paths["data"], "--out", str(tmp_path / "pd"),
-                 "--loss-csv", str(tmp_path / "pd.csv"), "--set", "distill.method=progressive") == 0
+    # The check reads the settings the student was distilled with: a progressive student's is refused.
+    progressive = tmp_path / "progressive"
+    shutil.copytree(tiny_chain.student, progressive)
+    trained_with = config.to_dict(config.load(progressive / "sfddm_config.yaml"))
+    trained_with["distill"]["method"] = "progressive"
+    (progressive / "sfddm_config.yaml").write_text(yaml.safe_dump(trained_with))
+    provenance = {key: value for key, value in io.student_provenance(progressive).items() if key != "files"}
+    models.write_manifest(progressive, {**provenance, "method": "progressive"})     # re-sealed as distill would
     capsys.readouterr()
-    assert sfddm("bench", "attribution", "--student", str(tmp_path / "pd"), *common) == 2
+    assert attribution_of(progressive) == 2
     assert "distilled by 'progressive', expected a method whose targets follow" in capsys.readouterr().err

@@ -109,13 +109,13 @@ def test_benchmarks_on_the_pipeline_outputs(project):
     """Both bench commands on the tiny project's teacher and student; a rerun reuses stored variants."""
     if not (project / "models/student").is_dir():
         dvc(project, "repro")
-    quality = ["bench", "quality", "--profile", "full", "--variants", "base,progressive,init=copy",
+    quality = ["bench", "quality", "--profile", "full", "--variants", "base,progressive",
                "--set", "distill.iterations=4", "--set", "student.steps=2"]
     assert sfddm(project, *quality).strip().endswith("benchmark.md")
     sfddm(project, "bench", "speed", "--teacher-steps", "5", "--repeats", "1", "--loop-steps", "3",
           "--batch-size", "8")
     report = json.loads((project / "reports/bench/quality-full.json").read_text())
-    assert set(report["variants"]) == {"base", "progressive", "init=copy"}
+    assert set(report["variants"]) == {"base", "progressive"}
     # the project's phi: T' = 2; the trajectory targets' path: K = 4 sub-steps per student step
     assert set(report["baselines"]) == {"teacher_ddpm", "teacher_ddim 2 trailing", "teacher ODE 8 (K = 4 path)"}
     progressive = report["variants"]["progressive"]
