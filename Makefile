@@ -34,12 +34,13 @@ run: install
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show
 
-# One pytest-xdist worker per core; a test file stays on one worker (its module fixtures are built once).
+# One pytest-xdist worker per core; a test file stays on one worker (its module fixtures are built once), and
+# files go out in collection order, the longest first (tests/conftest.py LONGEST_FIRST), not by test count.
 test: install
-	$(BIN)/python -m pytest -n auto --dist loadfile
+	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 test-fast: install
-	$(BIN)/python -m pytest -n auto --dist loadfile -m "not integration"
+	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder -m "not integration"
 
 bench: install
 	$(BIN)/dvc repro train_classifier sample_teacher distill

@@ -107,8 +107,8 @@ def tiny_chain(tmp_path_factory):
 
 
 # The files that take longest (minutes of real stages, dvc, kfp.local, torchrun), started first so that
-# `make test`'s workers end together instead of one finishing a long file alone (pytest-xdist hands out
-# files in collection order).
+# `make test`'s workers end together instead of one finishing a long file alone: with
+# --no-loadscope-reorder (the Makefile), pytest-xdist hands out files in this collection order.
 LONGEST_FIRST = ("test_dvc_e2e.py", "test_distributed.py", "test_pipeline.py", "test_trainjob.py", "test_tracking.py",
                  "test_mlflow_auth.py", "test_resume.py", "test_methods.py", "test_registry.py", "test_s3_faults.py")
 
