@@ -170,9 +170,9 @@ def student_metrics(cfg: Config, teacher_dir: Path, student_dir: Path, sampler: 
                          f"evaluate.num_samples is {ec.num_samples}; rerun sfddm sample-teacher")
     runs = {"teacher_ddpm": (stored["teacher_ddpm"]["images"], stored["teacher_ddpm"]["seconds"],
                              stored["teacher_ddpm"]["nfe"])}
-    for name, model, timesteps, sampler in (("teacher_ddim", teacher, phi, "ddim"),
-                                            ("student", student, None, sampler)):
-        images, seconds = generate(cfg, model, seeds(cfg, ec.num_samples), sampler, timesteps, desc=name)
+    for name, model, timesteps, sampled_by in (("teacher_ddim", teacher, phi, "ddim"),
+                                               ("student", student, None, sampler)):
+        images, seconds = generate(cfg, model, seeds(cfg, ec.num_samples), sampled_by, timesteps, desc=name)
         runs[name] = (data.to_uint8(images), seconds, len(phi))
     reference, _ = data.load_split(data_dir, "test")
     network = fid.feature_network(ec, classifier_path)
