@@ -46,6 +46,8 @@ bench: install
 	$(BIN)/dvc repro train_classifier sample_teacher distill
 	$(BIN)/sfddm bench quality --results-page docs/benchmarks.md
 	$(BIN)/sfddm bench quality --profile full --results-page docs/benchmarks.md
+	$(BIN)/sfddm bench quality --dataset photos16 --results-page docs/benchmarks.md
+	$(BIN)/sfddm bench quality --dataset photos32 --results-page docs/benchmarks.md
 	$(BIN)/sfddm bench attribution --results-page docs/benchmarks.md
 	$(BIN)/sfddm bench speed --results-page docs/benchmarks.md
 	$(BIN)/sfddm bench preemption --results-page docs/benchmarks.md

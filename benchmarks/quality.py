@@ -5,7 +5,8 @@ same teacher and data and sampled from the same seeds; FIDs use one feature netw
 Baselines: the teacher's DDPM over T steps (the stored samples of sample-teacher) and its DDIM on each
 variant's timesteps. Each variant's result is kept in <out>/bench/quality/ under the hash of its
 settings, so an interrupted or extended sweep reruns only what is missing. Writes
-<out>/bench/quality-<profile>.json, from which report.py renders <out>/benchmark.md.
+<out>/bench/quality-<profile>.json (digits; quality-<profile>-<dataset>.json for another dataset, whose
+chain datasets.py builds), from which report.py renders <out>/benchmark.md.
 """
 from __future__ import annotations
 
@@ -25,12 +26,14 @@ from sfddm_core.io import atomic_file, resolve_device, sha256_file, sha256_files
 from sfddm_core.methods import METHODS, checked
 
 from .common import machine
+from .datasets import DEFAULT_DATASET, build_chain, chain_dir, dataset_overrides
 
 # The questions asked of whichever method the settings name, one per variant: the settings plus these
 # overrides. Each method adds its own (Method.variants), run with that method: sweep().
 GENERAL_QUESTIONS: dict[str, dict] = {
     "base": {},
     "steps=2": {"student.steps": 2},
+    "steps=8": {"student.steps": 8},
     "steps=10": {"student.steps": 10},
     "steps=20": {"student.steps": 20},
     "steps=50": {"student.steps": 50},
@@ -51,6 +54,10 @@ PROFILES = {"fast": {"distill.iterations": 200, "distill.batch_size": 64}, "full
 FULL_PROFILE_VARIANTS = ("base", "steps=2", "steps=10", "step_loss=eps", "lambda_h=1", "lr constant", "lr=5e-4",
                          "lr=2e-3", "inputs=teacher_path", "step_sampling=loss", "iterations=1900", "progressive",
                          "progressive step_loss=eps")
+# The variants a dataset other than digits runs unless --variants says otherwise: the students the targets
+# are judged on (T' = 2, 4, 8), progressive at T' = 4 for the compute axis, and the questions that decided
+# the defaults on digits (learning rate, K, the loss), so that the defaults are measured on both.
+DATASET_VARIANTS = ("base", "steps=2", "steps=8", "lr=5e-4", "lr=2e-3", "K=4", "step_loss=eps", "progressive")
 CURVE_POINTS = 4            # FID evaluations along each distillation (the last at its end)
 RERUN_SEED_SETS = 4         # the final FIDs are measured on this many disjoint seed sets (the first: evaluate's)
 RERUN_SEED_STRIDE = 1_000_000   # seed set k is evaluate.seed + k * stride + (0 .. num_samples - 1)
@@ -71,10 +78,12 @@ def sweep() -> dict[str, dict]:
     return variants
 
 
-def profile_variants(profile: str) -> list[str]:
-    """The variants a profile runs unless --variants says otherwise. fast: every variant of the sweep (so
-    a new method's are in it) but the long budget, whose 1900 updates are sized to progressive's
-    full-profile compute; full: FULL_PROFILE_VARIANTS."""
+def profile_variants(profile: str, dataset: str = DEFAULT_DATASET) -> list[str]:
+    """The variants a profile runs unless --variants says otherwise. Digits, fast: every variant of the
+    sweep (so a new method's are in it) but the long budget, whose 1900 updates are sized to progressive's
+    full-profile compute; full: FULL_PROFILE_VARIANTS. Another dataset: DATASET_VARIANTS."""
+    if dataset != DEFAULT_DATASET:
+        return list(DATASET_VARIANTS)
     if profile == "fast":
         return [name for name in sweep() if name != "iterations=1900"]
     return list(FULL_PROFILE_VARIANTS)
@@ -227,18 +236,32 @@ def settings_hash(cfg: Config, teacher_sha256: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def result_name(profile: str, dataset: str) -> str:
+    """The name of a sweep's results: quality-<this>.json, its report section and its plots."""
+    if dataset == DEFAULT_DATASET:
+        return profile
+    return f"{profile}-" + "".join(c if c.isalnum() else "-" for c in dataset).strip("-")
+
+
 def quality(cfg: Config, teacher_dir: Path, data_dir: Path, classifier: Path, teacher_samples: Path,
-            out_dir: Path, profile: str = "fast", variants: Optional[list[str]] = None) -> dict:
+            out_dir: Path, profile: str = "fast", variants: Optional[list[str]] = None,
+            dataset: str = DEFAULT_DATASET) -> dict:
     """sfddm bench quality: run the sweep (reusing stored variant results), write
-    <out>/bench/quality-<profile>.json."""
+    <out>/bench/quality-<result_name>.json. On digits the chain is the one given (make run's); on another
+    dataset (datasets.DATASETS or folder:PATH) it is built first, or reused, under the store, with `cfg`:
+    the settings with that dataset's overrides beneath the user's (as `sfddm bench quality` loads them)."""
     questions = sweep()
     unknown = sorted(set(variants or []) - set(questions))
     if unknown:
         raise SfddmError(f"--variants: unknown {unknown}; expected names from {list(questions)}")
     store = out_dir / "bench" / "quality"
     store.mkdir(parents=True, exist_ok=True)
+    if dataset != DEFAULT_DATASET:
+        chain = build_chain(cfg, chain_dir(cfg, dataset, store))
+        teacher_dir, data_dir, classifier, teacher_samples = (chain[key] for key in (
+            "teacher", "data", "classifier", "teacher_samples"))
     bench = QualityBench(cfg, teacher_dir, data_dir, classifier, teacher_samples, store)
-    chosen = variants or profile_variants(profile)
+    chosen = variants or profile_variants(profile, dataset)
     configs = {name: variant_config(cfg, profile, overrides) for name, overrides in questions.items()
                if name in chosen}
     results = {}
@@ -252,10 +275,11 @@ def quality(cfg: Config, teacher_dir: Path, data_dir: Path, classifier: Path, te
                   "settings": config_lib.to_dict(variant), **bench.run_variant(variant)}
         write_json(path, result)
         results[name] = result
-    report = {"profile": profile, "overrides": PROFILES[profile], "machine": machine(bench.device),
+    report = {"profile": profile, "dataset": dataset, "dataset_overrides": dataset_overrides(dataset),
+              "overrides": PROFILES[profile], "machine": machine(bench.device),
               "feature_network": bench.network.label, "num_samples": cfg.evaluate.num_samples,
               "rerun_seed_sets": RERUN_SEED_SETS,
               "teacher_sha256": bench.teacher_sha256, "baselines": bench.baselines(results),
               "variants": results}
-    write_json(out_dir / "bench" / f"quality-{profile}.json", report)
+    write_json(out_dir / "bench" / f"quality-{result_name(profile, dataset)}.json", report)
     return report

@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                              help="fast: minutes per variant on a CPU; full: params.yaml as is (a GPU)")
             sub.add_argument("--variants", type=lambda text: text.split(","), default=None,
                              help="comma-separated subset of the sweep (default: the profile's variants)")
+            sub.add_argument("--dataset", default="digits",
+                             help="digits (the chain of the path flags), photos16, photos32 (RGB crops of "
+                                  "scikit-learn's sample photos) or folder:PATH; other than digits, the chain "
+                                  "is built under OUT/bench/quality/chains/ (benchmarks/datasets.py)")
         elif name == "speed":
             sub.add_argument("--batch-size", type=_positive_int, default=None, help="default: 512 on a GPU, 64 on a CPU")
             sub.add_argument("--loop-steps", type=_positive_int, default=50, help="steps of the loop comparison")
@@ -249,7 +253,7 @@ def bench_command(args: argparse.Namespace, cfg) -> int:
     from benchmarks import attribution, preemption, quality, report, speed
     if args.action == "quality":
         quality.quality(cfg, args.teacher, args.data, args.classifier, args.teacher_samples, args.out, args.profile,
-                        args.variants)
+                        args.variants, args.dataset)
     elif args.action == "speed":
         speed.speed(cfg, args.teacher, args.student, args.data, args.out, args.batch_size, args.loop_steps,
                     args.repeats, args.teacher_steps)
@@ -294,7 +298,11 @@ def pipeline_command(args: argparse.Namespace, cfg) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_lib.load(args.params, dict(args.overrides)) if hasattr(args, "params") else None
+    overrides = dict(getattr(args, "overrides", {}))
+    if getattr(args, "dataset", None):      # bench quality: the dataset's settings, beneath the user's --set
+        from benchmarks.datasets import dataset_overrides
+        overrides = {**dataset_overrides(args.dataset), **overrides}
+    cfg = config_lib.load(args.params, overrides) if hasattr(args, "params") else None
     if args.command in METHOD_COMMANDS:
         from sfddm_core import methods      # only here: the other stages do not depend on the methods
         methods.checked(cfg)

@@ -1,6 +1,7 @@
 """Datasets as two uint8 arrays per split, hashed once at prepare time and checked on every load.
 
-`prepare` turns a source (sklearn's bundled digits, the CIFAR-10 python pickles, or a folder of images)
+`prepare` turns a source (sklearn's bundled digits, crops of its two bundled sample photos, the CIFAR-10
+python pickles, or a folder of images)
 into `train.npz` / `test.npz` (images uint8 NCHW, labels int64) plus `meta.json`; every later stage
 reads them through `load_split`, and moves between uint8 and the model's [-1, 1] range through
 `to_model_range` / `to_uint8` only.
@@ -29,13 +30,16 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_FILES = {"train": [f"data_batch_{k}" for k in range(1, 6)], "test": ["test_batch"]}
 PROGRESS_MIN_FILES = 500            # below this, reading is too quick for a progress bar to help
+PHOTO_CROPS = 6000                  # photos: crops made when data.max_images is null
+PHOTO_GRID = (3, 3)                 # photos: a crop's class is the cell of this grid (rows, columns) its centre is in
+PHOTO_CROP_SIDES = (32, 128)        # photos: side of a square crop in photo pixels, drawn uniformly in this range
 
 Split = tuple[np.ndarray, np.ndarray]       # images uint8 (N, C, H, W), labels int64 (N,)
 
 
 def prepare(cfg: DataConfig, seed: int, out_dir: Union[str, Path]) -> dict:
     """Read cfg.source, write out_dir/{train,test}.npz and meta.json atomically; return the meta dict."""
-    readers = {"digits": _read_digits, "cifar10": _read_cifar10, "folder": _read_folder}
+    readers = {"digits": _read_digits, "photos": _read_photos, "cifar10": _read_cifar10, "folder": _read_folder}
     splits, class_names = readers[cfg.source](cfg, seed)
     meta = {
         "source": cfg.source,
@@ -111,6 +115,42 @@ def _read_digits(cfg: DataConfig, seed: int) -> tuple[dict[str, Split], list[str
     splits = {split: (images[idx], labels[idx])
               for split, idx in _random_split(len(labels), cfg, seed).items()}
     return splits, [str(d) for d in range(10)]
+
+
+def _read_photos(cfg: DataConfig, seed: int) -> tuple[dict[str, Split], list[str]]:
+    """Seeded square crops of scikit-learn's bundled sample photos (china.jpg, flower.jpg; 427 x 640 RGB),
+    of random side in PHOTO_CROP_SIDES, resized to image_size. An RGB dataset that ships with a package.
+    A crop's class is where it comes from: its photo and the PHOTO_GRID cell of its centre, so a
+    classifier trained on the labels learns the colours and textures that tell regions apart."""
+    from sklearn.datasets import load_sample_images
+
+    sample = load_sample_images()
+    rng = np.random.default_rng(seed)
+    count = cfg.max_images if cfg.max_images is not None else PHOTO_CROPS
+    mode = {1: "L", 3: "RGB"}[cfg.channels]
+    rows, columns = PHOTO_GRID
+    images, labels = [], []
+    for _ in tqdm(range(count), desc=f"cropping sample photos to {cfg.image_size}x{cfg.image_size}", unit="img",
+                  disable=count < PROGRESS_MIN_FILES):
+        photo = int(rng.integers(len(sample.images)))
+        height, width, _ = sample.images[photo].shape
+        side = int(rng.integers(PHOTO_CROP_SIDES[0], PHOTO_CROP_SIDES[1] + 1))
+        top, left = int(rng.integers(height - side + 1)), int(rng.integers(width - side + 1))
+        crop = Image.fromarray(sample.images[photo][top:top + side, left:left + side]).convert(mode)
+        images.append(_chw(crop.resize((cfg.image_size, cfg.image_size), Image.BICUBIC)))
+        labels.append(photo_class(photo, top + side // 2, left + side // 2, height, width))
+    images, labels = np.stack(images), np.asarray(labels, dtype=np.int64)
+    splits = {split: (images[idx], labels[idx]) for split, idx in _random_split(count, cfg, seed).items()}
+    names = [f"{Path(name).stem} r{cell // columns}c{cell % columns}" for name in sample.filenames
+             for cell in range(rows * columns)]
+    return splits, names
+
+
+def photo_class(photo: int, row: int, column: int, height: int, width: int) -> int:
+    """The class of a crop centred at pixel (row, column) of sample photo `photo` (height x width): the
+    PHOTO_GRID cell it falls in, numbered row-major, after the cells of the photos before it."""
+    rows, columns = PHOTO_GRID
+    return (photo * rows + row * rows // height) * columns + column * columns // width
 
 
 def _read_cifar10(cfg: DataConfig, seed: int) -> tuple[dict[str, Split], list[str]]:

@@ -59,6 +59,36 @@ def test_digits_resized_and_capped(tmp_path):
     assert images.shape == (75, 1, 16, 16) and images.dtype == np.uint8
 
 
+# ---- photos ----
+
+def test_photo_class_is_the_grid_cell_of_the_crop_centre_after_the_earlier_photos_cells():
+    assert data.PHOTO_GRID == (3, 3)
+    assert data.photo_class(0, 0, 0, 427, 640) == 0
+    assert data.photo_class(0, 213, 320, 427, 640) == 4             # the middle cell
+    assert data.photo_class(0, 142, 639, 427, 640) == 2             # 142 * 3 // 427 = 0: top row, right
+    assert data.photo_class(0, 143, 0, 427, 640) == 3               # 143 * 3 // 427 = 1
+    assert data.photo_class(1, 426, 639, 427, 640) == 17            # the last cell of the second photo
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_photos_are_seeded_crops_labelled_by_where_they_come_from(tmp_path, channels):
+    cfg = DataConfig(source="photos", image_size=16, channels=channels, max_images=200)
+    meta = data.prepare(cfg, seed=0, out_dir=tmp_path / "a")
+    assert meta["counts"] == {"train": 150, "test": 50} and meta["shape"] == [channels, 16, 16]
+    assert meta["class_names"][:2] == ["china r0c0", "china r0c1"] and meta["class_names"][-1] == "flower r2c2"
+    images, labels = data.load_split(tmp_path / "a", "train")
+    assert images.shape == (150, channels, 16, 16) and images.dtype == np.uint8
+    assert labels.min() >= 0 and labels.max() < 18 and len(set(labels)) > 9
+    assert images.std() > 20                    # crops of two photos, not one flat colour
+    assert data.prepare(cfg, seed=0, out_dir=tmp_path / "b")["sha256"] == meta["sha256"]
+    assert data.prepare(cfg, seed=1, out_dir=tmp_path / "c")["sha256"]["train"] != meta["sha256"]["train"]
+
+
+def test_photos_make_6000_crops_unless_capped(tmp_path):
+    meta = data.prepare(DataConfig(source="photos", image_size=8, channels=3), seed=0, out_dir=tmp_path / "d")
+    assert data.PHOTO_CROPS == 6000 and meta["counts"] == {"train": 4500, "test": 1500}
+
+
 def test_prepare_replaces_an_existing_folder(tmp_path):
     out = tmp_path / "data"
     data.prepare(DataConfig(max_images=40), seed=0, out_dir=out)

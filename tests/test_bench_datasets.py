@@ -1,0 +1,78 @@
+"""`sfddm bench quality --dataset`: the datasets' settings, where their chains live, and a real sweep on
+a tiny RGB chain that the command builds itself and reuses."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from benchmarks import datasets, quality
+from conftest import TINY_PARAMS, merged
+from sfddm_cli import cli
+from sfddm_core import config
+from sfddm_core.errors import SfddmError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dataset_overrides_name_rgb_data_and_a_wider_unet():
+    assert datasets.dataset_overrides("digits") == {}
+    photos16 = datasets.dataset_overrides("photos16")
+    assert photos16["data.source"] == "photos" and photos16["data.image_size"] == 16
+    assert photos16["data.channels"] == 3 and photos16["teacher.unet.block_out_channels"] == [32, 64, 64]
+    folder = datasets.dataset_overrides("folder:/some/images")
+    assert folder["data.source"] == "folder" and folder["data.path"] == "/some/images"
+    for bad in ("nope", "folder:"):
+        with pytest.raises(SfddmError, match=f"--dataset: unknown '{bad}'; expected one of"):
+            datasets.dataset_overrides(bad)
+
+
+def test_the_users_set_wins_over_the_datasets_settings(capsys):
+    assert cli.main(["bench", "quality", "--dataset", "photos16", "--set", "data.image_size=8",
+                     "--params", str(ROOT / "params.yaml"), "--dry-run"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["data"]["source"] == "photos" and resolved["data"]["channels"] == 3
+    assert resolved["data"]["image_size"] == 8
+
+
+def test_a_chain_is_named_by_the_settings_it_depends_on(tmp_path):
+    values = config.to_dict(config.load(ROOT / "params.yaml", datasets.dataset_overrides("photos16")))
+    here = datasets.chain_dir(config.from_dict(values), "photos16", tmp_path)
+    assert here.parent == tmp_path / "chains" and here.name.startswith("photos16-")
+    distilled_otherwise = config.with_overrides(json.loads(json.dumps(values)), {"distill.lr": 5e-4})
+    assert datasets.chain_dir(distilled_otherwise, "photos16", tmp_path) == here
+    taught_otherwise = config.with_overrides(json.loads(json.dumps(values)), {"teacher.iterations": 7})
+    assert datasets.chain_dir(taught_otherwise, "photos16", tmp_path) != here
+    assert datasets.chain_dir(config.from_dict(values), "folder:/a/b", tmp_path).name.startswith("folder--a-b-")
+
+
+@pytest.mark.integration
+def test_bench_quality_on_rgb_builds_its_chain_once_and_reports_the_dataset(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(merged(TINY_PARAMS, {"teacher": {"unet": {"norm_num_groups": 4}}})))
+    out = tmp_path / "reports"
+
+    def bench() -> int:
+        return cli.main(["bench", "quality", "--dataset", "photos16", "--profile", "full", "--variants", "base",
+                         "--params", str(params), "--out", str(out), "--set", "data.image_size=8",
+                         "--set", "data.max_images=120", "--set", "teacher.unet.block_out_channels=[8,16,16]"])
+
+    assert bench() == 0
+    chain, = (out / "bench" / "quality" / "chains").iterdir()
+    assert chain.name.startswith("photos16-")
+    assert sorted(p.name for p in chain.iterdir()) == ["classifier.pt", "data", "params.yaml",
+                                                       "samples", "teacher", "teacher_loss.csv"]
+    result = json.loads((out / "bench" / "quality-full-photos16.json").read_text())
+    assert result["dataset"] == "photos16" and result["dataset_overrides"]["data.source"] == "photos"
+    assert list(result["variants"]) == ["base"]
+    assert "photos-classifier" in result["feature_network"]
+    assert {"teacher_ddpm", "teacher_ddim 4 trailing"} <= set(result["baselines"])
+    text = (out / "benchmark.md").read_text()
+    assert "## Quality, profile `full`, dataset `photos16`" in text
+    assert "T' = 4: FID <= 0.4 x teacher DDIM at 4 steps (`full-photos16`)" in text
+    assert (out / "benchmark_full-photos16_fid_vs_nfe.png").is_file()
+    built = {p: p.stat().st_mtime_ns for p in chain.rglob("*") if p.is_file()}
+    assert bench() == 0                               # the chain and the variant are reused, not rebuilt
+    assert {p: p.stat().st_mtime_ns for p in chain.rglob("*") if p.is_file() and p.name != "params.yaml"} == \
+        {p: t for p, t in built.items() if p.name != "params.yaml"}
+    assert quality.profile_variants("full", "photos16") == list(quality.DATASET_VARIANTS)
