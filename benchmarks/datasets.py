@@ -41,12 +41,17 @@ def dataset_overrides(dataset: str) -> dict:
     return DATASETS[dataset]
 
 
+def dataset_slug(dataset: str) -> str:
+    """`dataset` as a file-name part: every character but letters and digits made "-" (folder:/a/b ->
+    folder--a-b)."""
+    return "".join(c if c.isalnum() else "-" for c in dataset).strip("-")[:40]
+
+
 def chain_dir(cfg: Config, dataset: str, store: Path) -> Path:
     """Where `dataset`'s chain lives: named after the dataset and a hash of the settings it depends on."""
     values = config_lib.to_dict(cfg)
     text = json.dumps({key: values[key] for key in CHAIN_SECTIONS}, sort_keys=True)
-    slug = "".join(c if c.isalnum() else "-" for c in dataset)[:40]
-    return store / "chains" / f"{slug}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    return store / "chains" / f"{dataset_slug(dataset)}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 def build_chain(cfg: Config, root: Path) -> dict[str, Path]:

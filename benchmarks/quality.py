@@ -26,7 +26,7 @@ from sfddm_core.io import atomic_file, resolve_device, sha256_file, sha256_files
 from sfddm_core.methods import METHODS, checked
 
 from .common import machine
-from .datasets import DEFAULT_DATASET, build_chain, chain_dir, dataset_overrides
+from .datasets import DEFAULT_DATASET, build_chain, chain_dir, dataset_overrides, dataset_slug
 
 # The questions asked of whichever method the settings name, one per variant: the settings plus these
 # overrides. Each method adds its own (Method.variants), run with that method: sweep().
@@ -238,9 +238,7 @@ def settings_hash(cfg: Config, teacher_sha256: str) -> str:
 
 def result_name(profile: str, dataset: str) -> str:
     """The name of a sweep's results: quality-<this>.json, its report section and its plots."""
-    if dataset == DEFAULT_DATASET:
-        return profile
-    return f"{profile}-" + "".join(c if c.isalnum() else "-" for c in dataset).strip("-")
+    return profile if dataset == DEFAULT_DATASET else f"{profile}-{dataset_slug(dataset)}"
 
 
 def quality(cfg: Config, teacher_dir: Path, data_dir: Path, classifier: Path, teacher_samples: Path,
