@@ -49,6 +49,7 @@ bench: install
 	$(BIN)/sfddm bench quality --dataset photos16 --results-page docs/benchmarks.md
 	$(BIN)/sfddm bench quality --dataset photos32 --results-page docs/benchmarks.md
 	$(BIN)/sfddm bench attribution --results-page docs/benchmarks.md
+	$(BIN)/sfddm bench attribution --dataset photos16 --results-page docs/benchmarks.md
 	$(BIN)/sfddm bench speed --results-page docs/benchmarks.md
 	$(BIN)/sfddm bench preemption --results-page docs/benchmarks.md
 	$(BIN)/python -m benchmarks.serving --results-page docs/benchmarks.md

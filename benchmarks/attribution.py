@@ -2,7 +2,8 @@
 
 Samplers that take each student step either by the student or by what that step was trained to copy
 (the teacher's unclipped DDIM over K sub-steps), measured on the quality sweep's seed sets and feature
-network (quality.QualityBench). Writes <out>/bench/attribution.json.
+network (quality.QualityBench). Writes <out>/bench/attribution.json (digits: make run's student), or
+attribution-<dataset>.json for another dataset, whose chain and student datasets.py builds.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from sfddm_core.methods import METHODS
 from sfddm_core.methods.base import ddim_path
 
 from .common import machine
+from .datasets import DEFAULT_DATASET, build_chain, build_student, chain_dir, dataset_slug
 from .quality import RERUN_SEED_SETS, QualityBench
 
 
@@ -63,14 +65,23 @@ def local_errors(teacher_unet, student: models.DiffusionModel, schedule: diffusi
 
 
 def step_attribution(cfg: Config, teacher_dir: Path, student_dir: Path, data_dir: Path, classifier: Path,
-                     teacher_samples: Path, out_dir: Path) -> dict:
+                     teacher_samples: Path, out_dir: Path, dataset: str = DEFAULT_DATASET) -> dict:
     """sfddm bench attribution: where a student's distance to its teacher comes from, step by step.
 
     On the quality sweep's seed sets: the student; the teacher's ODE along the targets' path (a perfect
     copy); for each step i, the student with step i taken by the teacher's K sub-steps, and the teacher
     with step i alone taken by the student; and each step's local error from the teacher's state (on
     the first evaluate.batch_size images).
-    Writes <out>/bench/attribution.json."""
+    On digits the chain and student are the ones given (make run's); on another dataset they are those
+    `cfg` builds, or reuses, under the quality sweep's store (datasets.build_chain, build_student).
+    Writes <out>/bench/attribution.json (attribution-<dataset>.json for another dataset)."""
+    store = out_dir / "bench" / "quality"
+    if dataset != DEFAULT_DATASET:
+        root = chain_dir(cfg, dataset, store)
+        chain = build_chain(cfg, root)
+        teacher_dir, data_dir, classifier, teacher_samples = (chain[key] for key in (
+            "teacher", "data", "classifier", "teacher_samples"))
+        student_dir = build_student(cfg, root)
     student = models.load_model(student_dir)
     trained_with = config_lib.load(student_dir / "sfddm_config.yaml")
     method = METHODS[trained_with.distill.method]
@@ -78,7 +89,6 @@ def step_attribution(cfg: Config, teacher_dir: Path, student_dir: Path, data_dir
         raise SfddmError(f"{student_dir}: distilled by {method.name!r}, expected a method whose targets follow "
                          "the teacher's ODE and whose students sample by DDIM (sfddm with a trajectory term)")
     substeps = trained_with.distill.substeps
-    store = out_dir / "bench" / "quality"
     store.mkdir(parents=True, exist_ok=True)
     bench = QualityBench(cfg, teacher_dir, data_dir, classifier, teacher_samples, store)
     schedule = diffusion.StudentSchedule(np.asarray(io.student_provenance(student_dir)["phi"]),
@@ -102,10 +112,11 @@ def step_attribution(cfg: Config, teacher_dir: Path, student_dir: Path, data_dir
              "student_takes_only_this_step": measured(steps - {i})}
             for i, error in local_errors(teacher_unet, student, schedule, substeps,
                                          noise(0)[:cfg.evaluate.batch_size]).items()]
-    report = {"student_dir": str(student_dir), "method": method.name, "substeps": substeps,
+    report = {"dataset": dataset, "student_dir": str(student_dir), "method": method.name, "substeps": substeps,
               "phi": schedule.phi.tolist(), "machine": machine(bench.device), "feature_network": bench.network.label,
               "num_samples": cfg.evaluate.num_samples, "rerun_seed_sets": RERUN_SEED_SETS,
               "teacher_ddpm": bench.with_reruns(bench.ddpm_images), "student": measured(set()),
               "teacher_ode": measured(steps), "steps": rows}
-    write_json(out_dir / "bench" / "attribution.json", report)
+    name = "attribution" if dataset == DEFAULT_DATASET else f"attribution-{dataset_slug(dataset)}"
+    write_json(out_dir / "bench" / f"{name}.json", report)
     return report

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from sfddm_core import config as config_lib
-from sfddm_core import data, evaluate, fid, teacher
+from sfddm_core import data, distill, evaluate, fid, teacher
 from sfddm_core.config import Config
 from sfddm_core.errors import SfddmError
 
@@ -29,6 +29,7 @@ DATASETS: dict[str, dict] = {
 }
 FOLDER_PREFIX = "folder:"   # --dataset folder:PATH, an RGB image tree read as data.source folder
 CHAIN_SECTIONS = ("seed", "device", "precision", "channels_last", "data", "teacher", "evaluate")
+STUDENT_SECTIONS = ("student", "distill")   # what a chain's student depends on besides the chain
 
 
 def dataset_overrides(dataset: str) -> dict:
@@ -47,11 +48,15 @@ def dataset_slug(dataset: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in dataset).strip("-")[:40]
 
 
+def _settings_hash(cfg: Config, sections: tuple[str, ...]) -> str:
+    values = config_lib.to_dict(cfg)
+    text = json.dumps({key: values[key] for key in sections}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def chain_dir(cfg: Config, dataset: str, store: Path) -> Path:
     """Where `dataset`'s chain lives: named after the dataset and a hash of the settings it depends on."""
-    values = config_lib.to_dict(cfg)
-    text = json.dumps({key: values[key] for key in CHAIN_SECTIONS}, sort_keys=True)
-    return store / "chains" / f"{dataset_slug(dataset)}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    return store / "chains" / f"{dataset_slug(dataset)}-{_settings_hash(cfg, CHAIN_SECTIONS)}"
 
 
 def build_chain(cfg: Config, root: Path) -> dict[str, Path]:
@@ -70,3 +75,14 @@ def build_chain(cfg: Config, root: Path) -> dict[str, Path]:
     if not paths["teacher_samples"].is_dir():
         evaluate.sample_teacher(cfg, paths["teacher"], paths["teacher_samples"])
     return paths
+
+
+def build_student(cfg: Config, root: Path) -> Path:
+    """The student `cfg` distils from the chain in `root` (for bench attribution, which needs one saved):
+    <root>/students/<hash of the student and distill settings>/, distilled unless it is there (resuming
+    from its checkpoint)."""
+    student = root / "students" / _settings_hash(cfg, STUDENT_SECTIONS)
+    if not (student / "sfddm.json").is_file():
+        distill.run(cfg, root / "teacher", root / "data", student, student.with_name(student.name + "-loss.csv"),
+                    student.with_name(student.name + "-checkpoints"))
+    return student

@@ -56,11 +56,14 @@ FULL_PROFILE_VARIANTS = ("base", "steps=2", "steps=10", "step_loss=eps", "lambda
                          "progressive step_loss=eps")
 # The variants a dataset other than digits runs unless --variants says otherwise: the students the targets
 # are judged on (T' = 2, 4, 8), progressive at T' = 4 for the compute axis, and the questions that decided
-# the defaults on digits (learning rate, K, the loss), so that the defaults are measured on both.
-DATASET_VARIANTS = ("base", "steps=2", "steps=8", "lr=5e-4", "lr=2e-3", "K=4", "step_loss=eps", "progressive")
+# the defaults on digits (learning rate, K, the loss, clipped teacher sub-steps), so that the defaults are
+# measured on both.
+DATASET_VARIANTS = ("base", "steps=2", "steps=8", "lr=5e-4", "lr=2e-3", "K=4", "clip_substeps", "step_loss=eps",
+                    "progressive")
 CURVE_POINTS = 4            # FID evaluations along each distillation (the last at its end)
 RERUN_SEED_SETS = 4         # the final FIDs are measured on this many disjoint seed sets (the first: evaluate's)
 RERUN_SEED_STRIDE = 1_000_000   # seed set k is evaluate.seed + k * stride + (0 .. num_samples - 1)
+TRAINING_IMAGES = "training images, no model"   # the baseline row of real data: the metric's floor
 BACKWARD_COST = 2           # a backward pass counted as two forward passes in training compute
 
 
@@ -163,11 +166,21 @@ class QualityBench:
                 np.savez(handle, images=images, seconds=0.0, nfe=self.teacher.num_timesteps)
         return evaluate.load_samples(path)["images"]
 
+    def training_images(self, seed_set: int) -> np.ndarray:
+        """evaluate.num_samples images of the train split drawn without replacement, seeded by the seed
+        set: data scored as a model's samples are, so the FID a perfect model would get at this sample
+        count (the sets overlap where the split holds fewer than RERUN_SEED_SETS x num_samples)."""
+        train, _ = data.load_split(self.data_dir, "train")
+        rng = np.random.default_rng(int(self.seed_sets[seed_set][0]))
+        return train[rng.choice(len(train), size=min(len(self.seed_sets[seed_set]), len(train)), replace=False)]
+
     def baselines(self, variants: dict[str, dict]) -> dict:
-        """The teacher's DDPM over T steps, its DDIM on the timesteps of each variant, and, for each
-        SFDDM variant with a trajectory term, the teacher's unclipped DDIM along the path its targets
-        take (K sub-steps per student step): the sampler a perfect student would copy."""
-        rows = {"teacher_ddpm": {"nfe": self.teacher.num_timesteps, **self.with_reruns(self.ddpm_images)}}
+        """Training images (no model: the metric's floor), the teacher's DDPM over T steps, its DDIM on
+        the timesteps of each variant, and, for each SFDDM variant with a trajectory term, the teacher's
+        unclipped DDIM along the path its targets take (K sub-steps per student step): the sampler a
+        perfect student would copy."""
+        rows = {TRAINING_IMAGES: {"nfe": 0, **self.with_reruns(self.training_images)},
+                "teacher_ddpm": {"nfe": self.teacher.num_timesteps, **self.with_reruns(self.ddpm_images)}}
         for variant in variants.values():
             name = ddim_baseline_name(variant)
             if name not in rows:

@@ -127,15 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(f"--{flag.replace('_', '-')}", type=Path, default=Path(default))
         sub.add_argument("--results-page", type=Path, default=None,
                          help="also regenerate this page's generated section (docs/benchmarks.md)")
+        if name in ("quality", "attribution"):
+            sub.add_argument("--dataset", default="digits",
+                             help="digits (the chain of the path flags), photos16, photos32 (RGB crops of "
+                                  "scikit-learn's sample photos) or folder:PATH; other than digits, the chain "
+                                  "(and attribution's student) is built under OUT/bench/quality/chains/ "
+                                  "(benchmarks/datasets.py)")
         if name == "quality":
             sub.add_argument("--profile", choices=("fast", "full"), default="fast",
                              help="fast: minutes per variant on a CPU; full: params.yaml as is (a GPU)")
             sub.add_argument("--variants", type=lambda text: text.split(","), default=None,
                              help="comma-separated subset of the sweep (default: the profile's variants)")
-            sub.add_argument("--dataset", default="digits",
-                             help="digits (the chain of the path flags), photos16, photos32 (RGB crops of "
-                                  "scikit-learn's sample photos) or folder:PATH; other than digits, the chain "
-                                  "is built under OUT/bench/quality/chains/ (benchmarks/datasets.py)")
         elif name == "speed":
             sub.add_argument("--batch-size", type=_positive_int, default=None, help="default: 512 on a GPU, 64 on a CPU")
             sub.add_argument("--loop-steps", type=_positive_int, default=50, help="steps of the loop comparison")
@@ -261,7 +263,7 @@ def bench_command(args: argparse.Namespace, cfg) -> int:
         preemption.preemption(cfg, args.teacher, args.data, args.out)
     else:
         attribution.step_attribution(cfg, args.teacher, args.student, args.data, args.classifier,
-                                     args.teacher_samples, args.out)
+                                     args.teacher_samples, args.out, args.dataset)
     benchmark_md = report.write(args.out)
     if args.results_page:
         report.update_results_page(args.results_page, benchmark_md)
@@ -299,7 +301,7 @@ def pipeline_command(args: argparse.Namespace, cfg) -> int:
 
 def run(args: argparse.Namespace) -> int:
     overrides = dict(getattr(args, "overrides", {}))
-    if getattr(args, "dataset", None):      # bench quality: the dataset's settings, beneath the user's --set
+    if getattr(args, "dataset", None):      # bench quality, attribution: the dataset's settings, beneath --set
         from benchmarks.datasets import dataset_overrides
         overrides = {**dataset_overrides(args.dataset), **overrides}
     cfg = config_lib.load(args.params, overrides) if hasattr(args, "params") else None

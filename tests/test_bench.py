@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -157,9 +158,12 @@ def test_the_committed_report_is_rendered_from_the_committed_results():
     results = ROOT / "reports" / "bench"
     qualities = report.load_qualities(results)
     assert list(qualities)[:2] == ["fast", "full"] and "fast-photos16" in qualities
-    others = (json.loads((results / f"{name}.json").read_text())
-              for name in ("speed", "preemption", "attribution", "serving"))
-    assert report.render(qualities, *others) == (ROOT / "reports" / "benchmark.md").read_text()
+    speed, preemption, serving = (json.loads((results / f"{name}.json").read_text())
+                                  for name in ("speed", "preemption", "serving"))
+    attributions = report.load_attributions(results)
+    assert list(attributions)[0] == "attribution"
+    assert report.render(qualities, speed, preemption, attributions, serving) == \
+        (ROOT / "reports" / "benchmark.md").read_text()
 
 
 def test_serving_section_is_rendered_from_serving_json(tmp_path):
@@ -191,6 +195,19 @@ def test_teacher_identity_follows_the_network_and_schedule_not_the_provenance(tm
     assert quality.teacher_identity(tmp_path) == before
     (tmp_path / "unet/diffusion_pytorch_model.safetensors").write_text("w2")
     assert quality.teacher_identity(tmp_path) != before
+
+
+def test_training_images_are_distinct_rows_of_the_train_split_seeded_by_the_seed_set(tmp_path):
+    cfg = config.load(ROOT / "params.yaml")
+    sfddm_core.data.prepare(cfg.data, cfg.seed, tmp_path)
+    train, _ = sfddm_core.data.load_split(tmp_path, "train")
+    bench = type("Bench", (), {"data_dir": tmp_path, "seed_sets": [np.arange(100) + k * 10**6 for k in range(2)]})()
+    first, second = (quality.QualityBench.training_images(bench, k) for k in range(2))
+    rows = {image.tobytes(): i for i, image in enumerate(train)}
+    assert first.shape == (100, *train.shape[1:]) and len({image.tobytes() for image in first}) == 100
+    assert all(image.tobytes() in rows for image in first)
+    assert np.array_equal(quality.QualityBench.training_images(bench, 0), first)
+    assert not np.array_equal(first, second)
 
 
 def test_hybrid_sampler_is_the_students_ddim_or_the_teachers_ode_along_the_targets_path(linear_abar):
@@ -235,6 +252,7 @@ def test_attribution_section_names_each_step_and_both_hybrids():
                              {"step": 0, "t": 499, "s": -1, "local_error": 0.1, "teacher_takes_this_step": row(18.5),
                               "student_takes_only_this_step": row(21.5)}]}
     text = "\n".join(report.attribution_section(attribution))
+    assert text.startswith("## Where the student's distance to its teacher comes from, dataset `digits`")
     assert "| student (every step by the student) | 23.00 ± 1.41 |" in text
     assert "| 1 (999 -> 499) | 0.050 | 22.00 ± 1.41 | 20.00 ± 1.41 |" in text
     assert "| 0 (499 -> data) | 0.100 | 19.50 ± 1.41 | 22.50 ± 1.41 |" in text

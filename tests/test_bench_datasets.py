@@ -1,5 +1,5 @@
-"""`sfddm bench quality --dataset`: the datasets' settings, where their chains live, and a real sweep on
-a tiny RGB chain that the command builds itself and reuses."""
+"""`sfddm bench quality --dataset` and `bench attribution --dataset`: the datasets' settings, where their
+chains live, and a real sweep and attribution on a tiny RGB chain that the commands build and reuse."""
 import json
 from pathlib import Path
 
@@ -66,7 +66,8 @@ def test_bench_quality_on_rgb_builds_its_chain_once_and_reports_the_dataset(tmp_
     assert result["dataset"] == "photos16" and result["dataset_overrides"]["data.source"] == "photos"
     assert list(result["variants"]) == ["base"]
     assert "photos-classifier" in result["feature_network"]
-    assert {"teacher_ddpm", "teacher_ddim 4 trailing"} <= set(result["baselines"])
+    assert {quality.TRAINING_IMAGES, "teacher_ddpm", "teacher_ddim 4 trailing"} <= set(result["baselines"])
+    assert result["baselines"][quality.TRAINING_IMAGES]["nfe"] == 0
     text = (out / "benchmark.md").read_text()
     assert "## Quality, profile `full`, dataset `photos16`" in text
     assert "T' = 4: FID <= 0.4 x teacher DDIM at 4 steps (`full-photos16`)" in text
@@ -76,3 +77,20 @@ def test_bench_quality_on_rgb_builds_its_chain_once_and_reports_the_dataset(tmp_
     assert {p: p.stat().st_mtime_ns for p in chain.rglob("*") if p.is_file() and p.name != "params.yaml"} == \
         {p: t for p, t in built.items() if p.name != "params.yaml"}
     assert quality.profile_variants("full", "photos16") == list(quality.DATASET_VARIANTS)
+
+    # bench attribution on the same dataset reuses the chain and distils its student there, once.
+    def attribution() -> int:
+        return cli.main(["bench", "attribution", "--dataset", "photos16", "--params", str(params), "--out", str(out),
+                         "--set", "data.image_size=8", "--set", "data.max_images=120",
+                         "--set", "teacher.unet.block_out_channels=[8,16,16]"])
+
+    assert attribution() == 0
+    student, = (chain / "students").glob("*/sfddm.json")
+    attributed = json.loads((out / "bench" / "attribution-photos16.json").read_text())
+    assert attributed["dataset"] == "photos16" and attributed["student_dir"] == str(student.parent)
+    assert [row["step"] for row in attributed["steps"]] == [3, 2, 1, 0]
+    assert "## Where the student's distance to its teacher comes from, dataset `photos16`" in \
+        (out / "benchmark.md").read_text()
+    distilled = student.stat().st_mtime_ns
+    assert attribution() == 0 and student.stat().st_mtime_ns == distilled
+    assert (chain / "teacher" / "sfddm.json").stat().st_mtime_ns == built[chain / "teacher" / "sfddm.json"]
