@@ -11,6 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from benchmarks.quality import TRAINING_IMAGES
 from conftest import TINY_PARAMS, merged
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,8 +117,9 @@ def test_benchmarks_on_the_pipeline_outputs(project):
           "--batch-size", "8")
     report = json.loads((project / "reports/bench/quality-full.json").read_text())
     assert set(report["variants"]) == {"base", "progressive"}
-    # the project's phi: T' = 2; the trajectory targets' path: K = 4 sub-steps per student step
-    assert set(report["baselines"]) == {"teacher_ddpm", "teacher_ddim 2 trailing", "teacher ODE 8 (K = 4 path)"}
+    # the data as its own baseline; the project's phi: T' = 2; the trajectory targets' path: K = 4 sub-steps
+    assert set(report["baselines"]) == {TRAINING_IMAGES, "teacher_ddpm", "teacher_ddim 2 trailing",
+                                        "teacher ODE 8 (K = 4 path)"}
     progressive = report["variants"]["progressive"]
     assert progressive["compute"]["student_updates"] == 5 * 4   # T = 100, phi = [49, 99]: gaps 50 -> 5 folds
     assert progressive["compute"]["teacher_forwards"] == 5 * 4 * 16 * 2           # 2 teacher steps per image
