@@ -21,7 +21,7 @@ from sfddm_core.methods import METHODS
 from sfddm_core.methods.base import ddim_path
 
 from .common import machine
-from .datasets import DEFAULT_DATASET, build_chain, build_student, chain_dir, dataset_slug
+from .datasets import DEFAULT_DATASET, build_chain, build_student, result_name
 from .quality import RERUN_SEED_SETS, QualityBench
 
 
@@ -77,11 +77,8 @@ def step_attribution(cfg: Config, teacher_dir: Path, student_dir: Path, data_dir
     Writes <out>/bench/attribution.json (attribution-<dataset>.json for another dataset)."""
     store = out_dir / "bench" / "quality"
     if dataset != DEFAULT_DATASET:
-        root = chain_dir(cfg, dataset, store)
-        chain = build_chain(cfg, root)
-        teacher_dir, data_dir, classifier, teacher_samples = (chain[key] for key in (
-            "teacher", "data", "classifier", "teacher_samples"))
-        student_dir = build_student(cfg, root)
+        teacher_dir, data_dir, classifier, teacher_samples = build_chain(cfg, dataset, store)
+        student_dir = build_student(cfg, dataset, store)
     student = models.load_model(student_dir)
     trained_with = config_lib.load(student_dir / "sfddm_config.yaml")
     method = METHODS[trained_with.distill.method]
@@ -117,6 +114,5 @@ def step_attribution(cfg: Config, teacher_dir: Path, student_dir: Path, data_dir
               "num_samples": cfg.evaluate.num_samples, "rerun_seed_sets": RERUN_SEED_SETS,
               "teacher_ddpm": bench.with_reruns(bench.ddpm_images), "student": measured(set()),
               "teacher_ode": measured(steps), "steps": rows}
-    name = "attribution" if dataset == DEFAULT_DATASET else f"attribution-{dataset_slug(dataset)}"
-    write_json(out_dir / "bench" / f"{name}.json", report)
+    write_json(out_dir / "bench" / f"{result_name('attribution', dataset)}.json", report)
     return report

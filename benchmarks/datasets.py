@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 from sfddm_core import config as config_lib
 from sfddm_core import data, distill, evaluate, fid, teacher
@@ -54,33 +55,48 @@ def _settings_hash(cfg: Config, sections: tuple[str, ...]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def result_name(prefix: str, dataset: str) -> str:
+    """The name of a bench's results on `dataset` (<prefix>-<dataset>; just <prefix> for digits): its JSON,
+    its report section and its plots."""
+    return prefix if dataset == DEFAULT_DATASET else f"{prefix}-{dataset_slug(dataset)}"
+
+
 def chain_dir(cfg: Config, dataset: str, store: Path) -> Path:
     """Where `dataset`'s chain lives: named after the dataset and a hash of the settings it depends on."""
     return store / "chains" / f"{dataset_slug(dataset)}-{_settings_hash(cfg, CHAIN_SECTIONS)}"
 
 
-def build_chain(cfg: Config, root: Path) -> dict[str, Path]:
-    """prepare -> train-classifier -> train-teacher -> sample-teacher into `root`, each skipped when its
-    output is there; returns the paths `quality()` takes."""
-    paths = {"data": root / "data", "classifier": root / "classifier.pt", "teacher": root / "teacher",
-             "teacher_samples": root / "samples"}
+class Chain(NamedTuple):
+    """The outputs of prepare -> train-classifier -> train-teacher -> sample-teacher that a bench reads."""
+    teacher: Path
+    data: Path
+    classifier: Path
+    teacher_samples: Path
+
+
+def build_chain(cfg: Config, dataset: str, store: Path) -> Chain:
+    """`dataset`'s chain under `store` (chain_dir), each step skipped when its output is there."""
+    root = chain_dir(cfg, dataset, store)
+    chain = Chain(teacher=root / "teacher", data=root / "data", classifier=root / "classifier.pt",
+                  teacher_samples=root / "samples")
     root.mkdir(parents=True, exist_ok=True)
     config_lib.save(cfg, root / "params.yaml")        # the settings the chain was built with, for reading
-    if not (paths["data"] / "meta.json").is_file():
-        data.prepare(cfg.data, cfg.seed, paths["data"])
-    if not paths["classifier"].is_file():
-        fid.train_and_save_classifier(cfg, paths["data"], paths["classifier"])
-    if not (paths["teacher"] / "sfddm.json").is_file():
-        teacher.run(cfg, paths["data"], paths["teacher"], root / "teacher_loss.csv", root / "checkpoints")
-    if not paths["teacher_samples"].is_dir():
-        evaluate.sample_teacher(cfg, paths["teacher"], paths["teacher_samples"])
-    return paths
+    if not (chain.data / "meta.json").is_file():
+        data.prepare(cfg.data, cfg.seed, chain.data)
+    if not chain.classifier.is_file():
+        fid.train_and_save_classifier(cfg, chain.data, chain.classifier)
+    if not (chain.teacher / "sfddm.json").is_file():
+        teacher.run(cfg, chain.data, chain.teacher, root / "teacher_loss.csv", root / "checkpoints")
+    if not chain.teacher_samples.is_dir():
+        evaluate.sample_teacher(cfg, chain.teacher, chain.teacher_samples)
+    return chain
 
 
-def build_student(cfg: Config, root: Path) -> Path:
-    """The student `cfg` distils from the chain in `root` (for bench attribution, which needs one saved):
-    <root>/students/<hash of the student and distill settings>/, distilled unless it is there (resuming
-    from its checkpoint)."""
+def build_student(cfg: Config, dataset: str, store: Path) -> Path:
+    """The student `cfg` distils from `dataset`'s chain (built first; for bench attribution, which needs
+    one saved): <chain>/students/<hash of the student and distill settings>/, distilled unless it is there
+    (resuming from its checkpoint)."""
+    root = chain_dir(cfg, dataset, store)
     student = root / "students" / _settings_hash(cfg, STUDENT_SECTIONS)
     if not (student / "sfddm.json").is_file():
         distill.run(cfg, root / "teacher", root / "data", student, student.with_name(student.name + "-loss.csv"),

@@ -26,7 +26,7 @@ from sfddm_core.io import atomic_file, resolve_device, sha256_file, sha256_files
 from sfddm_core.methods import METHODS, checked
 
 from .common import machine
-from .datasets import DEFAULT_DATASET, build_chain, chain_dir, dataset_overrides, dataset_slug
+from .datasets import DEFAULT_DATASET, build_chain, dataset_overrides, result_name
 
 # The questions asked of whichever method the settings name, one per variant: the settings plus these
 # overrides. Each method adds its own (Method.variants), run with that method: sweep().
@@ -166,20 +166,13 @@ class QualityBench:
                 np.savez(handle, images=images, seconds=0.0, nfe=self.teacher.num_timesteps)
         return evaluate.load_samples(path)["images"]
 
-    def training_images(self, seed_set: int) -> np.ndarray:
-        """evaluate.num_samples images of the train split drawn without replacement, seeded by the seed
-        set: data scored as a model's samples are, so the FID a perfect model would get at this sample
-        count (the sets overlap where the split holds fewer than RERUN_SEED_SETS x num_samples)."""
-        train, _ = data.load_split(self.data_dir, "train")
-        rng = np.random.default_rng(int(self.seed_sets[seed_set][0]))
-        return train[rng.choice(len(train), size=min(len(self.seed_sets[seed_set]), len(train)), replace=False)]
-
     def baselines(self, variants: dict[str, dict]) -> dict:
         """Training images (no model: the metric's floor), the teacher's DDPM over T steps, its DDIM on
         the timesteps of each variant, and, for each SFDDM variant with a trajectory term, the teacher's
         unclipped DDIM along the path its targets take (K sub-steps per student step): the sampler a
         perfect student would copy."""
-        rows = {TRAINING_IMAGES: {"nfe": 0, **self.with_reruns(self.training_images)},
+        train, _ = data.load_split(self.data_dir, "train")
+        rows = {TRAINING_IMAGES: {"nfe": 0, **self.with_reruns(lambda k: training_images(train, self.seed_sets[k]))},
                 "teacher_ddpm": {"nfe": self.teacher.num_timesteps, **self.with_reruns(self.ddpm_images)}}
         for variant in variants.values():
             name = ddim_baseline_name(variant)
@@ -223,6 +216,14 @@ class QualityBench:
                 "curve": curve}
 
 
+def training_images(train: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """As many images of the train split as there are seeds, drawn without replacement by a generator
+    seeded by the first: data scored as a model's samples are, so the FID a perfect model would get at
+    this sample count (the seed sets' draws overlap where the split is smaller than all of them)."""
+    rng = np.random.default_rng(int(seeds[0]))
+    return train[rng.choice(len(train), size=min(len(seeds), len(train)), replace=False)]
+
+
 def teacher_identity(teacher_dir: Path) -> str:
     """sha256 over the files that decide what the teacher computes: its UNet (weights, architecture) and
     its scheduler. Not its provenance files (sfddm.json, the resolved config saved beside it), which
@@ -249,11 +250,6 @@ def settings_hash(cfg: Config, teacher_sha256: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def result_name(profile: str, dataset: str) -> str:
-    """The name of a sweep's results: quality-<this>.json, its report section and its plots."""
-    return profile if dataset == DEFAULT_DATASET else f"{profile}-{dataset_slug(dataset)}"
-
-
 def quality(cfg: Config, teacher_dir: Path, data_dir: Path, classifier: Path, teacher_samples: Path,
             out_dir: Path, profile: str = "fast", variants: Optional[list[str]] = None,
             dataset: str = DEFAULT_DATASET) -> dict:
@@ -268,9 +264,7 @@ def quality(cfg: Config, teacher_dir: Path, data_dir: Path, classifier: Path, te
     store = out_dir / "bench" / "quality"
     store.mkdir(parents=True, exist_ok=True)
     if dataset != DEFAULT_DATASET:
-        chain = build_chain(cfg, chain_dir(cfg, dataset, store))
-        teacher_dir, data_dir, classifier, teacher_samples = (chain[key] for key in (
-            "teacher", "data", "classifier", "teacher_samples"))
+        teacher_dir, data_dir, classifier, teacher_samples = build_chain(cfg, dataset, store)
     bench = QualityBench(cfg, teacher_dir, data_dir, classifier, teacher_samples, store)
     chosen = variants or profile_variants(profile, dataset)
     configs = {name: variant_config(cfg, profile, overrides) for name, overrides in questions.items()

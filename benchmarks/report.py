@@ -39,7 +39,7 @@ def _check(ok: bool) -> str:
 
 
 def plot_files(name: str) -> dict[str, str]:
-    """The plots of a sweep (quality.result_name: its profile, and its dataset unless digits)."""
+    """The plots of a sweep (datasets.result_name: its profile, and its dataset unless digits)."""
     return {axis: f"benchmark_{name}_fid_vs_{axis}.png" for axis in ("nfe", "compute")}
 
 

@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every interface")
     serve.add_argument("--port", type=_port, default=5001)
 
+    device = command("device", "check the device the settings resolve to (device:) with a matrix product on "
+                     "it; one line, exit 2 when it cannot be used (--set device=cuda: the GPU smoke test)")
+    device.set_defaults(func=device_command)
+
     bench = commands.add_parser("bench", help="benchmarks against the baselines, into reports/benchmark.md")
     bench.set_defaults(func=bench_command)
     benches = bench.add_subparsers(dest="action", required=True)
@@ -249,6 +253,12 @@ def serve_command(args: argparse.Namespace, cfg) -> None:
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
                "-h", args.host, "-p", str(args.port)]
     os.execve(sys.executable, command, env)
+
+
+def device_command(args: argparse.Namespace, cfg) -> int:
+    from sfddm_core import io
+    print(io.device_report(io.resolve_device(cfg.device)))
+    return 0
 
 
 def bench_command(args: argparse.Namespace, cfg) -> int:

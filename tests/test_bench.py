@@ -201,12 +201,12 @@ def test_training_images_are_distinct_rows_of_the_train_split_seeded_by_the_seed
     cfg = config.load(ROOT / "params.yaml")
     sfddm_core.data.prepare(cfg.data, cfg.seed, tmp_path)
     train, _ = sfddm_core.data.load_split(tmp_path, "train")
-    bench = type("Bench", (), {"data_dir": tmp_path, "seed_sets": [np.arange(100) + k * 10**6 for k in range(2)]})()
-    first, second = (quality.QualityBench.training_images(bench, k) for k in range(2))
+    seed_sets = [np.arange(100) + k * 10**6 for k in range(2)]
+    first, second = (quality.training_images(train, seeds) for seeds in seed_sets)
     rows = {image.tobytes(): i for i, image in enumerate(train)}
     assert first.shape == (100, *train.shape[1:]) and len({image.tobytes() for image in first}) == 100
     assert all(image.tobytes() in rows for image in first)
-    assert np.array_equal(quality.QualityBench.training_images(bench, 0), first)
+    assert np.array_equal(quality.training_images(train, seed_sets[0]), first)
     assert not np.array_equal(first, second)
 
 

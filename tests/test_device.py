@@ -165,3 +165,16 @@ def test_the_cli_prints_the_refusal_as_one_line_before_any_work(no_usable_cuda, 
     [line] = capsys.readouterr().err.splitlines()
     assert status == 2 and line.startswith("sfddm distill: error: device: auto in a container given GPUs")
     assert "which needs NVIDIA driver >= 580" in line and not (tmp_path / "student").exists()
+
+
+def test_sfddm_device_checks_the_device_with_a_product_on_it(no_usable_cuda, monkeypatch, capsys):
+    """`sfddm device` (the GPU smoke test's command): a line on the device after a product there, or torch's
+    reason as one line and exit status 2."""
+    monkeypatch.chdir(ROOT)
+    assert cli.main(["device", "--set", "device=cpu"]) == 0
+    assert capsys.readouterr().out == "cpu: torch 2.14.1+cu130, a 256 x 256 matrix product checked\n"
+    no_usable_cuda(TOO_OLD)
+    assert cli.main(["device", "--set", "device=cuda"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("sfddm device: error: device: cuda was asked for but torch cannot use a GPU (The NVIDIA "
+                           "driver on your system is too old (found version 12040)")

@@ -1133,6 +1133,25 @@ def test_gpu_overlay_applies_node_profile():
             assert "nvidia.com/gpu" not in limit.get("default", {})
 
 
+def test_gpu_smoke_test_runs_the_pipeline_images_torch_on_a_gpu():
+    """The check fails where the pipeline's GPU steps would: it runs their image (as serving does) and its
+    `sfddm device --set device=cuda`, a matrix product by the image's own torch. nvidia-smi from a CUDA base
+    image would pass on a driver too old for that torch's CUDA build."""
+    from sfddm_cli import cli
+    docs = render("gpu")
+    spec = pod_spec(one(docs, "CronJob", "sfddm-gpu-smoke-test"))
+    [check] = containers(spec)
+    [server] = containers(pod_spec(one(kustomize(K8S / "serving"), "Deployment", "sfddm-serving")))
+    assert check["image"] == server["image"] and check["image"].startswith("ghcr.io/sfddm/sfddm:")
+    assert check["command"][0] == "sfddm"
+    args = cli.build_parser().parse_args(check["command"][1:])
+    assert args.command == "device" and dict(args.overrides) == {"device": "cuda"}
+    dockerfile = (ROOT / "components" / "Dockerfile").read_text()
+    assert f"USER {spec['securityContext']['runAsUser']}\n" in dockerfile
+    home = {e["name"]: e.get("value") for e in check["env"]}["HOME"]
+    assert check["securityContext"]["readOnlyRootFilesystem"] and home in {m["mountPath"] for m in check["volumeMounts"]}
+
+
 @pytest.mark.parametrize("target", [t for t in STACKS if t != "gpu"])
 def test_non_gpu_targets_request_no_gpus(target):
     docs = render(target)
