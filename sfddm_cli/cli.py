@@ -257,7 +257,8 @@ def serve_command(args: argparse.Namespace, cfg) -> None:
 
 def device_command(args: argparse.Namespace, cfg) -> int:
     from sfddm_core import io
-    print(io.device_report(io.resolve_device(cfg.device)))
+    from sfddm_runtime import gpu_profile
+    print(gpu_profile.device_report(io.resolve_device(cfg.device)))
     return 0
 
 

@@ -129,20 +129,6 @@ def resolve_device(name: str) -> torch.device:
                      "refusing to fall back to the CPU (set device: cpu to train there on purpose)")
 
 
-def device_report(device: torch.device) -> str:
-    """One line on `device`, after a matrix product on it has come out right: that the device computes,
-    not only that it is listed (a GPU whose driver cannot run this torch's kernels fails here)."""
-    ones = torch.ones(256, 256, device=device)
-    product = float((ones @ ones).sum())
-    if product != 256.0 ** 3:
-        raise SfddmError(f"device {device}: a product of 256 x 256 ones summed to {product}, expected {256.0 ** 3}")
-    if device.type != "cuda":
-        return f"{device}: torch {torch.__version__}, a 256 x 256 matrix product checked"
-    gpu = torch.cuda.get_device_properties(device)
-    return (f"{device}: {gpu.name}, {gpu.total_memory / 2 ** 30:.0f} GiB, torch {torch.__version__} "
-            f"(CUDA {torch.version.cuda}), a 256 x 256 matrix product checked")
-
-
 def gpus_given() -> str:
     """How this container was given GPUs ("NVIDIA_VISIBLE_DEVICES=GPU-..." or "device nodes /dev/nvidia0"),
     "" when it was given none."""

@@ -5,7 +5,8 @@ namespace's settings, the GPU profile and the image reference.
   Trainer TrainJob, wait for it and collect its outputs;
 - trainjob.py: those TrainJobs as plain manifests, and where a stage trains (`placement`);
 - settings.py: what every step and TrainJob gets from the run namespace (ConfigMap, Secrets, run id, pod);
-- gpu_profile.py: where GPU steps and TrainJobs run (node selector, toleration, accelerator);
+- gpu_profile.py: where GPU steps and TrainJobs run (node selector, toleration, accelerator), and the
+  GPU smoke test's check that the image's torch computes there;
 - image.py: the one image every step runs in, and its reference (commit tag or digest).
 
 Layers, each importing only those to its left:

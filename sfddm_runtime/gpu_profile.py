@@ -1,4 +1,5 @@
-"""Where the pipeline's GPU steps run: node selector, toleration and accelerator, read at compile time.
+"""Where the pipeline's GPU steps run: node selector, toleration and accelerator, read at compile time;
+and the check the GPU smoke test runs there (device_report).
 
 The values are the data of the ConfigMap sfddm-gpu-profile (k8s/overlays/gpu/gpu-profile.yaml), the
 cluster's one description of its GPU pool, so the pipeline and the cluster cannot drift apart. For
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+import torch
 import yaml
 
 from sfddm_core.errors import SfddmError
@@ -56,3 +58,17 @@ def load(path: Optional[Union[str, Path]] = None) -> GpuProfile:
         raise SfddmError(f"{path}: gpu_accelerator_limit: expected a positive integer, got "
                          f"{values['accelerator_limit']!r}")
     return GpuProfile(**{**values, "accelerator_limit": int(values["accelerator_limit"])})
+
+
+def device_report(device: torch.device) -> str:
+    """One line on `device`, after a matrix product on it has come out right: that the device computes,
+    not only that it is listed (a GPU whose driver cannot run this torch's kernels fails here)."""
+    ones = torch.ones(256, 256, device=device)
+    product = float((ones @ ones).sum())
+    if product != 256.0 ** 3:
+        raise SfddmError(f"device {device}: a product of 256 x 256 ones summed to {product}, expected {256.0 ** 3}")
+    if device.type != "cuda":
+        return f"{device}: torch {torch.__version__}, a 256 x 256 matrix product checked"
+    gpu = torch.cuda.get_device_properties(device)
+    return (f"{device}: {gpu.name}, {gpu.total_memory / 2 ** 30:.0f} GiB, torch {torch.__version__} "
+            f"(CUDA {torch.version.cuda}), a 256 x 256 matrix product checked")
