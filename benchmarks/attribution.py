@@ -77,8 +77,9 @@ def step_attribution(cfg: Config, teacher_dir: Path, student_dir: Path, data_dir
     Writes <out>/bench/attribution.json (attribution-<dataset>.json for another dataset)."""
     store = out_dir / "bench" / "quality"
     if dataset != DEFAULT_DATASET:
-        teacher_dir, data_dir, classifier, teacher_samples = build_chain(cfg, dataset, store)
-        student_dir = build_student(cfg, dataset, store)
+        chain = build_chain(cfg, dataset, store)
+        teacher_dir, data_dir, classifier, teacher_samples = chain
+        student_dir = build_student(cfg, chain)
     student = models.load_model(student_dir)
     trained_with = config_lib.load(student_dir / "sfddm_config.yaml")
     method = METHODS[trained_with.distill.method]

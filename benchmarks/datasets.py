@@ -73,6 +73,10 @@ class Chain(NamedTuple):
     classifier: Path
     teacher_samples: Path
 
+    @property
+    def root(self) -> Path:
+        return self.teacher.parent
+
 
 def build_chain(cfg: Config, dataset: str, store: Path) -> Chain:
     """`dataset`'s chain under `store` (chain_dir), each step skipped when its output is there."""
@@ -92,13 +96,12 @@ def build_chain(cfg: Config, dataset: str, store: Path) -> Chain:
     return chain
 
 
-def build_student(cfg: Config, dataset: str, store: Path) -> Path:
-    """The student `cfg` distils from `dataset`'s chain (built first; for bench attribution, which needs
-    one saved): <chain>/students/<hash of the student and distill settings>/, distilled unless it is there
-    (resuming from its checkpoint)."""
-    root = chain_dir(cfg, dataset, store)
-    student = root / "students" / _settings_hash(cfg, STUDENT_SECTIONS)
+def build_student(cfg: Config, chain: Chain) -> Path:
+    """The student `cfg` distils from `chain` (for bench attribution, which needs one saved):
+    <chain>/students/<hash of the student and distill settings>/, distilled unless it is there (resuming
+    from its checkpoint)."""
+    student = chain.root / "students" / _settings_hash(cfg, STUDENT_SECTIONS)
     if not (student / "sfddm.json").is_file():
-        distill.run(cfg, root / "teacher", root / "data", student, student.with_name(student.name + "-loss.csv"),
+        distill.run(cfg, chain.teacher, chain.data, student, student.with_name(student.name + "-loss.csv"),
                     student.with_name(student.name + "-checkpoints"))
     return student
