@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import boto3
 import numpy as np
 import pytest
 import yaml
@@ -46,6 +47,9 @@ class Workspace:
         monkeypatch.setenv("SFDDM_CACHE", str(root / "cache"))     # s3:// downloads land here
         for name in AWS_NAMES:
             monkeypatch.delenv(name, raising=False)
+        # boto3's default session keeps the credentials it first resolved in this process (an earlier S3 test
+        # on this worker): each case resolves them afresh from its own environment.
+        monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
 
     def set_params(self, changes: dict) -> None:
         self.params_file.write_text(yaml.safe_dump(merged(TINY_PARAMS, changes)))
@@ -110,7 +114,6 @@ class Workspace:
 @pytest.fixture(scope="module")
 def moto_s3():
     """moto's S3 server on 127.0.0.1 with an empty bucket TEACHER_BUCKET."""
-    import boto3
     from moto.server import ThreadedMotoServer
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
