@@ -12,9 +12,9 @@ The launcher, step by step:
   starting a second one; a failed job, or one with another spec, is deleted and submitted again, and the
   new one resumes from the checkpoint;
 - makes its own pod the job's owner (metadata.ownerReferences; the pod's name and uid come from the
-  downward API, settings.POD_FIELDS, and without them it refuses to submit): when KFP's "Terminate run"
-  or a step timeout deletes the pod, Kubernetes' garbage collector deletes the TrainJob and its pods,
-  even if the launcher was SIGKILLed. An adopted job is handed to the retry's pod (a merge patch of
+  downward API, settings.POD_FIELDS, and without them it refuses to submit): when the pod is deleted
+  (its run deleted, Argo's pod GC, a lost node), Kubernetes' garbage collector deletes the TrainJob and
+  its pods, even if the launcher was SIGKILLed. An adopted job is handed to the retry's pod (a merge patch of
   ownerReferences), since the earlier try's pod is deleted with its run;
 - copies the inputs and the resolved settings into the job's folder on the volume before submitting;
 - submits it with Kueue's queue label (settings.TRAINING_QUEUE): Kueue keeps it suspended, holding no
@@ -26,9 +26,11 @@ The launcher, step by step:
 - on Complete, copies out/ and loss.csv to the output artifacts, then deletes the job and its folder;
   on Failed or at the timeout, fails the step with one line naming the job and the reason (and deletes
   the job at the timeout, so that it frees its GPUs); the checkpoint stays for the retry;
-- on SIGTERM or SIGINT while it holds the job (the kubelet's signal when the run is terminated or the
-  step times out, before it kills the pod), deletes the TrainJob itself, at once, and fails the step
-  with one line; the checkpoint stays for a retry.
+- on SIGTERM or SIGINT while it holds the job, deletes the TrainJob itself, before anything else, and
+  fails the step with one line; the checkpoint stays for a retry. KFP's "Terminate run" and a step
+  timeout stop the step's containers with SIGTERM and leave its pod, so the garbage collector does not
+  act; Argo's emissary forwards the signal to the whole process group (the KFP launcher, sh, python) and
+  exits within about a second, when the launcher has died of it (tests/test_step_termination.py).
 
 Why the plain `kubernetes` client and not the `kubeflow` SDK (0.5.x, TrainerClient):
 - the manifest is a plain dict that the same code prints (`sfddm pipeline trainjob`), validates against
@@ -327,10 +329,11 @@ class Terminated(BaseException):
 
 @contextlib.contextmanager
 def deleting_on_stop(jobs: "TrainJobs", name: str):
-    """Within the block, SIGTERM and SIGINT delete the TrainJob `name` (the delete call itself: the pod may
-    be gone before the garbage collector acts) and fail the step with one line; the previous handlers are
-    restored afterwards. The kubelet sends SIGTERM when KFP's "Terminate run" or a step timeout deletes
-    the pod. Outside the main thread, where Python cannot take signals, the ownerReference alone cleans up."""
+    """Within the block, SIGTERM and SIGINT delete the TrainJob `name` and fail the step with one line; the
+    previous handlers are restored afterwards. The delete call comes first and nothing is printed before
+    it: the container is gone about a second after the signal (the module's docstring), the launcher
+    that relays the step's output is already dead, and the pod stays, so the garbage collector would not
+    act. Outside the main thread, where Python cannot take signals, the ownerReference alone cleans up."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -655,10 +655,10 @@ def test_job_collected_before_its_owner_is_patched_is_submitted_again(stage_inpu
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_while_waiting_deletes_the_job_and_fails_the_step(stage_inputs, signum):
-    """KFP's "Terminate run" and a step timeout delete the step's pod; the kubelet sends SIGTERM first.
-    A real signal, sent to this process from inside the mocked API's third read: the launcher deletes
-    the TrainJob with the delete call (not waiting for the garbage collector), fails the step with one
-    line, and puts the previous handlers back."""
+    """KFP's "Terminate run" and a step timeout stop the step with SIGTERM (test_step_termination.py runs
+    it in the real process tree). A real signal, sent to this process from inside the mocked API's third
+    read: the launcher deletes the TrainJob with the delete call (not waiting for the garbage collector),
+    fails the step with one line, and puts the previous handlers back."""
     s, cluster = stage_inputs, FakeCluster(script=("Running",))
     reads = []
 
