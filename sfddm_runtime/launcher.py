@@ -17,6 +17,9 @@ The launcher, step by step:
   its pods, even if the launcher was SIGKILLed. An adopted job is handed to the retry's pod (a merge patch of
   ownerReferences), since the earlier try's pod is deleted with its run;
 - copies the inputs and the resolved settings into the job's folder on the volume before submitting;
+- refuses, in one line and before staging anything, when the LocalQueue that its queue label names
+  does not exist in the namespace: Kueue would keep the job queued, waiting for it, until the step's
+  timeout (days for a training step). Without Kueue's API the label is inert and nothing is checked;
 - submits it with Kueue's queue label (settings.TRAINING_QUEUE): Kueue keeps it suspended, holding no
   GPUs, until its quota admits every pod of it at once; meanwhile the step logs "queued by Kueue" and
   waits without a limit (queued time is not part of the budget, as for the job's activeDeadlineSeconds);
@@ -35,7 +38,7 @@ The launcher, step by step:
 Why the plain `kubernetes` client and not the `kubeflow` SDK (0.5.x, TrainerClient):
 - the manifest is a plain dict that the same code prints (`sfddm pipeline trainjob`), validates against
   the CRD schema in the tests and submits: nothing is built twice or hidden in the SDK's translation;
-- what the launcher needs is five calls (create, get, patch, delete, pod logs: API_RIGHTS); the SDK's
+- what the launcher needs is a few plain calls (API_RIGHTS); the SDK's
   extras do not fit: CustomTrainerContainer has no processes-per-node field (it would go into the
   command), volumes and GPU placement need RuntimePatch options anyway, `wait_for_job_status` defaults
   to 600 s and raises one error for Failed and for the timeout, and adopting a job by name needs
@@ -79,7 +82,7 @@ PASSED_ENV = (PIPELINE_RUN_ENV, "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW
 # The API calls the launcher makes, by (API group, resource): what the pipeline runner's Role must grant
 # (k8s/pipeline-runner/rbac.yaml; tests/test_trainjob.py checks that it grants exactly these).
 API_RIGHTS = {(trainjob.API_GROUP, trainjob.PLURAL): {"create", "get", "patch", "delete"},
-              ("", "pods"): {"list"}, ("", "pods/log"): {"get"}}
+              (trainjob.KUEUE_API[0], "localqueues"): {"get"}, ("", "pods"): {"list"}, ("", "pods/log"): {"get"}}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -253,6 +256,22 @@ class TrainJobs:
                 return None
             raise _api_error(f"cannot read TrainJob {self.namespace}/{name}", err) from None
 
+    def queue_exists(self, queue: str) -> Optional[bool]:
+        """Whether Kueue's LocalQueue `queue` exists in the namespace; None where Kueue's API is not served
+        (no Kueue: the queue label is inert). The API server tells the two 404s apart: a missing object
+        is a Status naming it, a missing API a plain "404 page not found"."""
+        try:
+            self.custom.get_namespaced_custom_object(*trainjob.KUEUE_API, self.namespace, "localqueues", queue)
+            return True
+        except Exception as err:
+            if getattr(err, "status", None) != 404:
+                raise _api_error(f"cannot read LocalQueue {self.namespace}/{queue}", err, "localqueues") from None
+            try:
+                details = json.loads(getattr(err, "body", None) or "{}").get("details") or {}
+            except (ValueError, AttributeError):
+                details = {}
+            return False if details.get("name") == queue else None
+
     def create(self, body: dict) -> bool:
         """True if created, False if a TrainJob of that name exists already."""
         try:
@@ -296,13 +315,13 @@ class TrainJobs:
             return None, ""
 
 
-def _api_error(what: str, err: Exception) -> SfddmError:
+def _api_error(what: str, err: Exception, resource: str = trainjob.PLURAL) -> SfddmError:
     status, reason = getattr(err, "status", None), getattr(err, "reason", None)
     detail = f"{status} {reason}" if status else str(err).splitlines()[0] if str(err) else type(err).__name__
     hint = ""
     if status == 403:
-        hint = " (the pipeline runner's Role needs trainjobs rights: k8s/pipeline-runner/rbac.yaml)"
-    elif status == 404:
+        hint = f" (the pipeline runner's Role needs {resource} rights: k8s/pipeline-runner/rbac.yaml)"
+    elif status == 404 and resource == trainjob.PLURAL:
         hint = " (is Kubeflow Trainer v2 installed? kubectl get crd trainjobs.trainer.kubeflow.org)"
     return SfddmError(f"{what}: {detail}{hint}")
 
@@ -376,6 +395,11 @@ class Launcher:
                  f"{trainer['numProcPerNode']} processes, image {trainer['image']}")
         self.say(f"  all pods' logs: kubectl -n {self.jobs.namespace} logs -f -l {JOBSET_LABEL}={name} "
                  f"-c {trainjob.NODE} --prefix --max-log-requests {trainer['numNodes']}")
+        queue = (body["metadata"].get("labels") or {}).get(trainjob.QUEUE_LABEL)
+        if queue and self.jobs.queue_exists(queue) is False:
+            raise SfddmError(f"LocalQueue {self.jobs.namespace}/{queue} does not exist, so Kueue would keep TrainJob "
+                             f"{name} queued until the step times out; create it (kubectl apply -k "
+                             f"k8s/overlays/kfp-runs, or your namespace's copy of it) and run the step again")
         with deleting_on_stop(self.jobs, name):
             if self.ensure(body, folder, lambda: self.stage_inputs(cfg, inputs, folder)) == "adopted":
                 self.say(f"TrainJob {name}: adopted (started by an earlier try of this step)")

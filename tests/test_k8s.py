@@ -429,7 +429,7 @@ def test_runner_role_grants_exactly_what_the_launcher_calls():
         RecordingApi(client.CoreV1Api, calls, {"list_namespaced_pod": SimpleNamespace(items=[rank0]),
                                                 "read_namespaced_pod_log": "2026-01-01T00:00:01Z step 1\n"}))
     name = "sfddm-distill-0123456789"
-    arguments = {"name": name, "body": {"metadata": {"name": name}}, "tail_lines": 10,
+    arguments = {"name": name, "body": {"metadata": {"name": name}}, "tail_lines": 10, "queue": settings.TRAINING_QUEUE,
                  "owners": [trainjob.owner_reference("step-pod", "0000-1111")]}
     methods = [m for m, f in vars(launcher.TrainJobs).items() if callable(f) and not m.startswith("_")]
     assert {"create", "get", "delete", "rank0_log"} <= set(methods)

@@ -6,7 +6,8 @@
   (podSpecOverrides, podTemplateOverrides, elasticPolicy) fail.
 - The launcher against a mocked Kubernetes API (CustomObjectsApi, CoreV1Api): create, poll, adopt after a
   retry (handing the job to the retry's pod), failure, timeout, a replaced job, API errors, a job queued
-  by Kueue, and a real SIGTERM / SIGINT while it waits (the job is deleted, the step fails).
+  by Kueue, a missing LocalQueue (refused before submitting), and a real SIGTERM / SIGINT while it
+  waits (the job is deleted, the step fails).
 - The training components: in their pod with checkpoints under the shared root, or through a TrainJob.
 - (integration) A kfp.local run whose training step is killed at a chosen step, after its checkpoint on the
   shared root; the retry resumes from it and ends with the uninterrupted run's loss log.
@@ -390,11 +391,13 @@ class FakeCluster:
 
     Each created job moves through `script` (one phase per read; the last one stays), its rank-0 pod
     logging one line per read. When it reaches Complete it has written, as rank 0 does, out/ and loss.csv
-    where its arguments say. errors: {method name: ApiException} raised by that method.
+    where its arguments say. errors: {method name: ApiException} raised by that method. queues: Kueue's
+    LocalQueues in the namespace; None, no Kueue API at all.
     """
 
-    def __init__(self, script=("Running", "Running", "Complete"), errors=None):
+    def __init__(self, script=("Running", "Running", "Complete"), errors=None, queues=(TRAINING_QUEUE,)):
         self.script, self.errors = list(script), dict(errors or {})
+        self.queues = queues
         self.jobs: dict = {}
         self.created: list = []
         self.deleted: list = []
@@ -434,6 +437,8 @@ class FakeCluster:
         self.reads[name] = list(self.script)
 
     def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        if plural == "localqueues":
+            return self._local_queue(group, version, name)
         self._raise("get")
         if self.on_read is not None:
             self.on_read(name)
@@ -456,6 +461,22 @@ class FakeCluster:
                 Path(args["--fid-csv"]).write_text("step,fid,kid\n0,50.0,0.01\n")
         job["status"] = _status(phase, "BackoffLimitExceeded" if phase == "Failed" else "")
         return copy.deepcopy(job)
+
+    def _local_queue(self, group, version, name) -> dict:
+        """The API server's answers: the object; a Status naming a missing one; a bare 404 without the API."""
+        self._raise("get_queue")
+        assert (group, version) == ("kueue.x-k8s.io", "v1beta2")
+        if self.queues is None:
+            error = ApiException(status=404, reason="Not Found")
+            error.body = "404 page not found\n"
+        elif name not in self.queues:
+            error = ApiException(status=404, reason="Not Found")
+            error.body = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+                                     "message": f'localqueues.kueue.x-k8s.io "{name}" not found', "code": 404,
+                                     "details": {"name": name, "group": group, "kind": "localqueues"}})
+        else:
+            return {"apiVersion": f"{group}/{version}", "kind": "LocalQueue", "metadata": {"name": name}}
+        raise error
 
     def patch_namespaced_custom_object(self, group, version, namespace, plural, name, body):
         """A JSON merge patch (the client's content type for custom objects): lists are replaced."""
@@ -707,6 +728,33 @@ def test_job_queued_by_kueue_waits_without_using_up_the_budget(stage_inputs):
     with pytest.raises(SfddmError, match="did not finish within 0.50 h"):
         run_launcher(cluster, s, timeout_seconds=1800)
     assert 3990 + 1800 <= cluster.clock.now < 3990 + 1800 + 20 and cluster.deleted
+
+
+def test_missing_local_queue_is_refused_before_anything_is_staged(stage_inputs):
+    """Kueue keeps a job whose LocalQueue does not exist queued, waiting for the queue: without this
+    check the step would wait, holding no GPUs but doing nothing, until its timeout (73 h by default)."""
+    s, cluster = stage_inputs, FakeCluster(queues=())
+    with pytest.raises(SfddmError) as error:
+        run_launcher(cluster, s)
+    message = str(error.value)
+    assert len(message.splitlines()) == 1
+    assert message.startswith(f"LocalQueue kubeflow/{TRAINING_QUEUE} does not exist, so Kueue would keep TrainJob "
+                              f"{s.body['metadata']['name']} queued")
+    assert "kubectl apply -k k8s/overlays/kfp-runs" in message
+    assert cluster.created == [] and not s.folder.exists()
+
+
+def test_without_kueue_the_queue_label_is_inert_and_the_job_runs(stage_inputs):
+    job, _ = run_launcher(FakeCluster(queues=None), stage_inputs)
+    assert launcher.state(job)[0] == "Complete"
+
+
+def test_local_queue_read_refused_names_the_missing_right(stage_inputs):
+    cluster = FakeCluster(errors={"get_queue": ApiException(status=403, reason="Forbidden")})
+    with pytest.raises(SfddmError, match=f"cannot read LocalQueue kubeflow/{TRAINING_QUEUE}: 403 Forbidden "
+                                         r"\(the pipeline runner's Role needs localqueues rights"):
+        run_launcher(cluster, stage_inputs)
+    assert cluster.created == []
 
 
 def test_state_reads_suspension_from_the_spec_before_trainer_sets_a_condition():
