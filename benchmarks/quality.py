@@ -134,11 +134,12 @@ class QualityBench:
                              f"is {n}; rerun sfddm sample-teacher")
 
     def sample(self, model: models.DiffusionModel, timesteps=None, seed_set: int = 0,
-               sampler: Union[str, samplers.Sampler] = "ddim") -> np.ndarray:
-        """Images of `sampler` (a name in samplers.SAMPLER_FUNCTIONS or a method's Sampler) from a seed set."""
+               sampler: Union[str, samplers.Sampler] = "ddim", part: slice = slice(None)) -> np.ndarray:
+        """Images of `sampler` (a name in samplers.SAMPLER_FUNCTIONS or a method's Sampler) from a seed set
+        (the seeds of `part` of it: each image has its own, so a part's images are those of the whole)."""
         steps = len(timesteps) if timesteps is not None else model.num_timesteps
         name = sampler if isinstance(sampler, str) else sampler.__name__
-        images, _ = samplers.generate(model, self.seed_sets[seed_set], sampler, timesteps, self.cfg.evaluate.batch_size,
+        images, _ = samplers.generate(model, self.seed_sets[seed_set][part], sampler, timesteps, self.cfg.evaluate.batch_size,
                                       self.device, desc=f"{name}, {steps} steps, seed set {seed_set}",
                                       precision=self.cfg.precision, channels_last=self.cfg.channels_last)
         return data.to_uint8(images)
@@ -156,14 +157,25 @@ class QualityBench:
 
     def ddpm_images(self, seed_set: int) -> np.ndarray:
         """The teacher's T-step DDPM samples: the stored ones for the main seeds, others made once and
-        kept in the store (they cost T network evaluations per image)."""
+        kept in the store. They cost T network evaluations per image (40 min per seed set of 32 x 32 on 2
+        cores), so they are made a batch at a time, each batch kept until the set is whole: an
+        interrupted run resumes from its last whole batch, with the images an uninterrupted one makes."""
         if seed_set == 0:
             return self.ddpm["images"]
-        path = self.store / f"teacher_ddpm-{self.teacher_sha256[:16]}-{self.seed_sets[seed_set][0]}-{len(self.seed_sets[0])}.npz"
+        seeds, batch = self.seed_sets[seed_set], self.cfg.evaluate.batch_size
+        path = self.store / f"teacher_ddpm-{self.teacher_sha256[:16]}-{seeds[0]}-{len(seeds)}.npz"
         if not path.is_file():
-            images = self.sample(self.teacher, None, seed_set, "ddpm")
+            batches = [path.with_suffix(f".{start}.npz") for start in range(0, len(seeds), batch)]
+            for start, batch_path in zip(range(0, len(seeds), batch), batches):
+                if not batch_path.is_file():
+                    images = self.sample(self.teacher, None, seed_set, "ddpm", slice(start, start + batch))
+                    with atomic_file(batch_path, "wb") as handle:
+                        np.savez(handle, images=images)
+            images = np.concatenate([np.load(batch_path)["images"] for batch_path in batches])
             with atomic_file(path, "wb") as handle:
                 np.savez(handle, images=images, seconds=0.0, nfe=self.teacher.num_timesteps)
+            for batch_path in batches:
+                batch_path.unlink()
         return evaluate.load_samples(path)["images"]
 
     def baselines(self, variants: dict[str, dict]) -> dict:

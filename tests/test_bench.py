@@ -284,3 +284,39 @@ def test_bench_attribution_runs_on_a_distilled_student_and_refuses_other_methods
     capsys.readouterr()
     assert attribution_of(progressive) == 2
     assert "distilled by 'progressive', expected a method whose targets follow" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_an_interrupted_ddpm_rerun_resumes_from_its_last_whole_batch(tiny_chain, tmp_path, monkeypatch):
+    """A rerun seed set's teacher DDPM is made a batch at a time: stopped after its first batch, the next
+    run samples only the second, and the set holds the images an uninterrupted run makes."""
+    cfg = config.load(tiny_chain.params, {"evaluate.batch_size": 20})      # 40 samples: two batches
+
+    def bench(store: Path) -> quality.QualityBench:
+        return quality.QualityBench(cfg, tiny_chain.teacher, tiny_chain.data, tiny_chain.classifier,
+                                    tiny_chain.samples, store)
+
+    whole = bench(tmp_path / "whole").ddpm_images(1)
+    at_once = bench(tmp_path / "at_once")
+    np.testing.assert_array_equal(whole, at_once.sample(at_once.teacher, None, 1, "ddpm"))     # as stored before
+    interrupted, sampled = bench(tmp_path / "interrupted"), []
+    sample = interrupted.sample
+
+    def sample_then_stop(*args):
+        if len(sampled) == 1:
+            raise KeyboardInterrupt
+        sampled.append(args[-1])
+        return sample(*args)
+
+    monkeypatch.setattr(interrupted, "sample", sample_then_stop)
+    (tmp_path / "interrupted").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.ddpm_images(1)
+    assert [p.name.split(".")[-2] for p in (tmp_path / "interrupted").iterdir()] == ["0"]
+    sampled.clear()
+    monkeypatch.setattr(interrupted, "sample", lambda *args: sampled.append(args[-1]) or sample(*args))
+    resumed = interrupted.ddpm_images(1)
+    assert sampled == [slice(20, 40)]
+    np.testing.assert_array_equal(resumed, whole)
+    assert len(whole) == 40 and not np.array_equal(whole, interrupted.ddpm_images(0)[:40])
+    assert [p.suffixes for p in (tmp_path / "interrupted").iterdir()] == [[".npz"]]   # the set alone is kept
