@@ -82,7 +82,7 @@ PASSED_ENV = (PIPELINE_RUN_ENV, "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW
 # The API calls the launcher makes, by (API group, resource): what the pipeline runner's Role must grant
 # (k8s/pipeline-runner/rbac.yaml; tests/test_trainjob.py checks that it grants exactly these).
 API_RIGHTS = {(trainjob.API_GROUP, trainjob.PLURAL): {"create", "get", "patch", "delete"},
-              (trainjob.KUEUE_API[0], "localqueues"): {"get"}, ("", "pods"): {"list"}, ("", "pods/log"): {"get"}}
+              (trainjob.KUEUE_API[0], trainjob.LOCALQUEUES): {"get"}, ("", "pods"): {"list"}, ("", "pods/log"): {"get"}}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -261,11 +261,11 @@ class TrainJobs:
         (no Kueue: the queue label is inert). The API server tells the two 404s apart: a missing object
         is a Status naming it, a missing API a plain "404 page not found"."""
         try:
-            self.custom.get_namespaced_custom_object(*trainjob.KUEUE_API, self.namespace, "localqueues", queue)
+            self.custom.get_namespaced_custom_object(*trainjob.KUEUE_API, self.namespace, trainjob.LOCALQUEUES, queue)
             return True
         except Exception as err:
             if getattr(err, "status", None) != 404:
-                raise _api_error(f"cannot read LocalQueue {self.namespace}/{queue}", err, "localqueues") from None
+                raise _api_error(f"cannot read LocalQueue {self.namespace}/{queue}", err, trainjob.LOCALQUEUES) from None
             try:
                 details = json.loads(getattr(err, "body", None) or "{}").get("details") or {}
             except (ValueError, AttributeError):

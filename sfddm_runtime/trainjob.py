@@ -77,6 +77,7 @@ LABEL_RUN = "sfddm.github.io/pipeline-run"
 ANNOTATION_SPEC = "sfddm.github.io/spec-sha256"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"       # Kueue's TrainJob integration: the LocalQueue that admits it
 KUEUE_API = ("kueue.x-k8s.io", "v1beta2")       # k8s/overlays/kueue's: Kueue v0.17 or later
+LOCALQUEUES = "localqueues"                     # Kueue's resource that the queue-name label names
 DEFAULT_NAMESPACE = "kubeflow"          # KFP's run namespace (standalone); the launcher uses its own
 TORCHRUN = ("torchrun", "--no-python", "sfddm")
 MAX_NAME = 63                           # the CRD: an RFC 1035 label of at most 63 characters

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import sfddm_core
-from benchmarks import attribution, quality, report
+from benchmarks import attribution, quality, report, saturation
 from conftest import TINY_PARAMS, make_unet
 from sfddm_cli import cli
 from sfddm_core import config, diffusion, io, models, samplers, students
@@ -208,6 +208,20 @@ def test_training_images_are_distinct_rows_of_the_train_split_seeded_by_the_seed
     assert all(image.tobytes() in rows for image in first)
     assert np.array_equal(quality.training_images(train, seed_sets[0]), first)
     assert not np.array_equal(first, second)
+
+
+def test_saturation_counts_the_values_at_either_end_of_the_uint8_range(tmp_path, capsys):
+    images = np.array([[[[0, 1, 128, 254, 255, 255, 7, 9]]]], dtype=np.uint8)      # 3 of 8 saturated
+    np.savez(tmp_path / "samples.npz", images=images)
+    assert saturation.saturated_fraction(images) == 3 / 8
+    assert saturation.main([str(tmp_path / "samples.npz")]) == 0
+    assert capsys.readouterr().out == f"0.375  1x1x1x8  {tmp_path / 'samples.npz'}\n"
+    with pytest.raises(ValueError, match="dtype float32; expected uint8"):
+        saturation.saturated_fraction(images.astype(np.float32))
+    np.savez(tmp_path / "other.npz", labels=np.zeros(3))
+    assert saturation.main([str(tmp_path / "samples.npz"), str(tmp_path / "other.npz")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "other.npz" in captured.err
 
 
 def test_hybrid_sampler_is_the_students_ddim_or_the_teachers_ode_along_the_targets_path(linear_abar):
