@@ -47,7 +47,8 @@ bench: install
 	$(BIN)/sfddm bench quality --results-page docs/benchmarks.md
 	$(BIN)/sfddm bench quality --profile full --results-page docs/benchmarks.md
 	$(BIN)/sfddm bench quality --dataset photos16 --results-page docs/benchmarks.md
-	$(BIN)/sfddm bench quality --dataset photos32 --results-page docs/benchmarks.md
+	$(BIN)/sfddm bench quality --dataset photos16 --profile full --variants base,steps=2,steps=8,lr=5e-4,clip_substeps --results-page docs/benchmarks.md
+	$(BIN)/sfddm bench quality --dataset photos32 --variants base,steps=2,steps=8 --results-page docs/benchmarks.md
 	$(BIN)/sfddm bench attribution --results-page docs/benchmarks.md
 	$(BIN)/sfddm bench attribution --dataset photos16 --results-page docs/benchmarks.md
 	$(BIN)/sfddm bench speed --results-page docs/benchmarks.md
