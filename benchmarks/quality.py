@@ -156,27 +156,43 @@ class QualityBench:
         return {**reruns[0], "reruns": reruns}
 
     def ddpm_images(self, seed_set: int) -> np.ndarray:
-        """The teacher's T-step DDPM samples: the stored ones for the main seeds, others made once and
-        kept in the store. They cost T network evaluations per image (40 min per seed set of 32 x 32 on 2
-        cores), so they are made a batch at a time, each batch kept until the set is whole: an
-        interrupted run resumes from its last whole batch, with the images an uninterrupted one makes."""
+        """The teacher's T-step DDPM samples: the stored ones for the main seeds, others kept_images."""
         if seed_set == 0:
             return self.ddpm["images"]
+        return self.kept_images("teacher_ddpm", seed_set,
+                                lambda part: self.sample(self.teacher, None, seed_set, "ddpm", part))
+
+    def kept_images(self, name: str, seed_set: int, sample_part: Callable[[slice], np.ndarray]) -> np.ndarray:
+        """A teacher sampler's images of a seed set (sample_part: those of a part of it), made once and kept
+        in the store as <name>-<teacher>-<first seed>-<count>.npz: `name` says the sampler and its
+        timesteps; the samplers' numbers are pinned by tests/test_golden.py, and the sampling precision
+        (precision:, fp32 unless set) is not in the name. The teacher's DDPM costs T
+        network evaluations per image (40 to 60 min per seed set of 32 x 32 on 2 cores), so every
+        sampler's set is made a batch at a time, each batch kept until the set is whole: an interrupted
+        run resumes from its last whole batch, with the images an uninterrupted one makes."""
         seeds, batch = self.seed_sets[seed_set], self.cfg.evaluate.batch_size
-        path = self.store / f"teacher_ddpm-{self.teacher_sha256[:16]}-{seeds[0]}-{len(seeds)}.npz"
+        path = self.store / f"{name}-{self.teacher_sha256[:16]}-{seeds[0]}-{len(seeds)}.npz"
         if not path.is_file():
-            batches = [path.with_suffix(f".{start}.npz") for start in range(0, len(seeds), batch)]
-            for start, batch_path in zip(range(0, len(seeds), batch), batches):
+            starts = range(0, len(seeds), batch)
+            batches = [path.with_suffix(f".{start}.npz") for start in starts]
+            for start, batch_path in zip(starts, batches):
                 if not batch_path.is_file():
-                    images = self.sample(self.teacher, None, seed_set, "ddpm", slice(start, start + batch))
                     with atomic_file(batch_path, "wb") as handle:
-                        np.savez(handle, images=images)
+                        np.savez(handle, images=sample_part(slice(start, start + batch)))
             images = np.concatenate([np.load(batch_path)["images"] for batch_path in batches])
             with atomic_file(path, "wb") as handle:
-                np.savez(handle, images=images, seconds=0.0, nfe=self.teacher.num_timesteps)
+                np.savez(handle, images=images)
             for batch_path in batches:
                 batch_path.unlink()
-        return evaluate.load_samples(path)["images"]
+        with np.load(path) as stored:
+            return stored["images"]
+
+    def kept_ddim(self, kind: str, model: models.DiffusionModel, timesteps: np.ndarray) -> dict:
+        """with_reruns of `model`'s DDIM on `timesteps`, its images kept as <kind>-<timesteps>-... (kept_images)."""
+        def images(k: int) -> np.ndarray:
+            return self.kept_images(f"{kind}-{timesteps_digest(timesteps)}", k,
+                                    lambda part: self.sample(model, timesteps, k, "ddim", part))
+        return self.with_reruns(images)
 
     def baselines(self, variants: dict[str, dict]) -> dict:
         """Training images (no model: the metric's floor), the teacher's DDPM over T steps, its DDIM on
@@ -189,15 +205,14 @@ class QualityBench:
         for variant in variants.values():
             name = ddim_baseline_name(variant)
             if name not in rows:
-                phi = np.asarray(variant["phi"])
                 rows[name] = {"nfe": variant["nfe"], "phi": variant["phi"],
-                              **self.with_reruns(lambda k: self.sample(self.teacher, phi, k))}
+                              **self.kept_ddim("teacher_ddim", self.teacher, np.asarray(variant["phi"]))}
             path = METHODS[variant["method"]].target_timesteps(variant["settings"])
             if path is not None:
                 name = f"teacher ODE {len(path)} (K = {variant['settings']['distill']['substeps']} path)"
                 if name not in rows:
                     ode = models.DiffusionModel(self.teacher.unet, self.teacher.alphas_cumprod, clip_denoised=False)
-                    rows[name] = {"nfe": len(path), **self.with_reruns(lambda k: self.sample(ode, path, k))}
+                    rows[name] = {"nfe": len(path), **self.kept_ddim("teacher_ode", ode, path)}
         return rows
 
     def run_variant(self, cfg: Config) -> dict:
@@ -234,6 +249,11 @@ def training_images(train: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     this sample count (the seed sets' draws overlap where the split is smaller than all of them)."""
     rng = np.random.default_rng(int(seeds[0]))
     return train[rng.choice(len(train), size=min(len(seeds), len(train)), replace=False)]
+
+
+def timesteps_digest(timesteps) -> str:
+    """A short name for a list of teacher timesteps (a sampler's path), for file names."""
+    return hashlib.sha256(np.asarray(timesteps, dtype=np.int64).tobytes()).hexdigest()[:12]
 
 
 def teacher_identity(teacher_dir: Path) -> str:

@@ -334,3 +334,19 @@ def test_an_interrupted_ddpm_rerun_resumes_from_its_last_whole_batch(tiny_chain,
     np.testing.assert_array_equal(resumed, whole)
     assert len(whole) == 40 and not np.array_equal(whole, interrupted.ddpm_images(0)[:40])
     assert [p.suffixes for p in (tmp_path / "interrupted").iterdir()] == [[".npz"]]   # the set alone is kept
+
+
+@pytest.mark.integration
+def test_the_teachers_ddim_baselines_are_kept_so_a_rerun_samples_nothing(tiny_chain, tmp_path, monkeypatch):
+    cfg = config.load(tiny_chain.params, {"evaluate.batch_size": 20})
+    bench = quality.QualityBench(cfg, tiny_chain.teacher, tiny_chain.data, tiny_chain.classifier, tiny_chain.samples,
+                                 tmp_path)
+    phi = diffusion.StudentSchedule(cfg.student_timesteps, bench.teacher.alphas_cumprod).phi
+    row = bench.kept_ddim("teacher_ddim", bench.teacher, phi)
+    assert row["reruns"] == [bench.distances(bench.sample(bench.teacher, phi, k))
+                             for k in range(quality.RERUN_SEED_SETS)]
+    monkeypatch.setattr(bench, "sample", lambda *args: pytest.fail(f"sampled again: {args}"))
+    assert bench.kept_ddim("teacher_ddim", bench.teacher, phi) == row
+    digest, teacher = quality.timesteps_digest(phi), bench.teacher_sha256[:16]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"teacher_ddim-{digest}-{teacher}-{seeds[0]}-{len(seeds)}.npz" for seeds in bench.seed_sets)
