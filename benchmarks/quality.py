@@ -177,8 +177,9 @@ class QualityBench:
             batches = [path.with_suffix(f".{start}.npz") for start in starts]
             for start, batch_path in zip(starts, batches):
                 if not batch_path.is_file():
+                    images = sample_part(slice(start, start + batch))     # before the file is opened
                     with atomic_file(batch_path, "wb") as handle:
-                        np.savez(handle, images=sample_part(slice(start, start + batch)))
+                        np.savez(handle, images=images)
             images = np.concatenate([np.load(batch_path)["images"] for batch_path in batches])
             with atomic_file(path, "wb") as handle:
                 np.savez(handle, images=images)
