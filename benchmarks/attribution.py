@@ -8,6 +8,7 @@ attribution-<dataset>.json for another dataset, whose chain and student datasets
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -65,7 +66,8 @@ def local_errors(teacher_unet, student: models.DiffusionModel, schedule: diffusi
 
 
 def step_attribution(cfg: Config, teacher_dir: Path, student_dir: Path, data_dir: Path, classifier: Path,
-                     teacher_samples: Path, out_dir: Path, dataset: str = DEFAULT_DATASET) -> dict:
+                     teacher_samples: Path, out_dir: Path, dataset: str = DEFAULT_DATASET,
+                     settings_overrides: Optional[dict] = None, run_name: Optional[str] = None) -> dict:
     """sfddm bench attribution: where a student's distance to its teacher comes from, step by step.
 
     On the quality sweep's seed sets: the student; the teacher's ODE along the targets' path (a perfect
@@ -74,7 +76,8 @@ def step_attribution(cfg: Config, teacher_dir: Path, student_dir: Path, data_dir
     the first evaluate.batch_size images).
     On digits the chain and student are the ones given (make run's); on another dataset they are those
     `cfg` builds, or reuses, under the quality sweep's store (datasets.build_chain, build_student).
-    Writes <out>/bench/attribution.json (attribution-<dataset>.json for another dataset)."""
+    Writes <out>/bench/attribution.json (attribution-<dataset>.json for another dataset, then -<run_name>),
+    recording settings_overrides (--set)."""
     store = out_dir / "bench" / "quality"
     if dataset != DEFAULT_DATASET:
         chain = build_chain(cfg, dataset, store)
@@ -110,10 +113,11 @@ def step_attribution(cfg: Config, teacher_dir: Path, student_dir: Path, data_dir
              "student_takes_only_this_step": measured(steps - {i})}
             for i, error in local_errors(teacher_unet, student, schedule, substeps,
                                          noise(0)[:cfg.evaluate.batch_size]).items()]
-    report = {"dataset": dataset, "student_dir": str(student_dir), "method": method.name, "substeps": substeps,
+    report = {"dataset": dataset, "name": run_name, "settings_overrides": settings_overrides or {},
+              "student_dir": str(student_dir), "method": method.name, "substeps": substeps,
               "phi": schedule.phi.tolist(), "machine": machine(bench.device), "feature_network": bench.network.label,
               "num_samples": cfg.evaluate.num_samples, "rerun_seed_sets": RERUN_SEED_SETS,
               "teacher_ddpm": bench.with_reruns(bench.ddpm_images), "student": measured(set()),
               "teacher_ode": measured(steps), "steps": rows}
-    write_json(out_dir / "bench" / f"{result_name('attribution', dataset)}.json", report)
+    write_json(out_dir / "bench" / f"{result_name('attribution', dataset, run_name)}.json", report)
     return report

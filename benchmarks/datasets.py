@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from sfddm_core import config as config_lib
 from sfddm_core import data, distill, evaluate, fid, teacher
@@ -55,10 +55,12 @@ def _settings_hash(cfg: Config, sections: tuple[str, ...]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def result_name(prefix: str, dataset: str) -> str:
-    """The name of a bench's results on `dataset` (<prefix>-<dataset>; just <prefix> for digits): its JSON,
-    its report section and its plots."""
-    return prefix if dataset == DEFAULT_DATASET else f"{prefix}-{dataset_slug(dataset)}"
+def result_name(prefix: str, dataset: str, name: Optional[str] = None) -> str:
+    """The name of a bench's results on `dataset` (<prefix>-<dataset>; just <prefix> for digits), then
+    -<name> for a run named by --name (one with --set, kept beside the run of the settings as they are): its
+    JSON, its report section and its plots."""
+    parts = [prefix] + ([] if dataset == DEFAULT_DATASET else [dataset_slug(dataset)]) + ([name] if name else [])
+    return "-".join(parts)
 
 
 def chain_dir(cfg: Config, dataset: str, store: Path) -> Path:

@@ -285,11 +285,14 @@ def settings_hash(cfg: Config, teacher_sha256: str) -> str:
 
 def quality(cfg: Config, teacher_dir: Path, data_dir: Path, classifier: Path, teacher_samples: Path,
             out_dir: Path, profile: str = "fast", variants: Optional[list[str]] = None,
-            dataset: str = DEFAULT_DATASET) -> dict:
+            dataset: str = DEFAULT_DATASET, settings_overrides: Optional[dict] = None,
+            run_name: Optional[str] = None) -> dict:
     """sfddm bench quality: run the sweep (reusing stored variant results), write
     <out>/bench/quality-<result_name>.json. On digits the chain is the one given (make run's); on another
     dataset (datasets.DATASETS or folder:PATH) it is built first, or reused, under the store, with `cfg`:
-    the settings with that dataset's overrides beneath the user's (as `sfddm bench quality` loads them)."""
+    the settings with that dataset's overrides beneath the user's (as `sfddm bench quality` loads them).
+    settings_overrides: the user's (--set), recorded so that the report says what the sweep ran with;
+    run_name: --name, which names the results (datasets.result_name)."""
     questions = sweep()
     unknown = sorted(set(variants or []) - set(questions))
     if unknown:
@@ -313,11 +316,12 @@ def quality(cfg: Config, teacher_dir: Path, data_dir: Path, classifier: Path, te
                   "settings": config_lib.to_dict(variant), **bench.run_variant(variant)}
         write_json(path, result)
         results[name] = result
-    report = {"profile": profile, "dataset": dataset, "dataset_overrides": dataset_overrides(dataset),
-              "overrides": PROFILES[profile], "machine": machine(bench.device),
+    report = {"profile": profile, "dataset": dataset, "name": run_name, "dataset_overrides": dataset_overrides(dataset),
+              "settings_overrides": settings_overrides or {}, "overrides": PROFILES[profile],
+              "machine": machine(bench.device),
               "feature_network": bench.network.label, "num_samples": cfg.evaluate.num_samples,
               "rerun_seed_sets": RERUN_SEED_SETS,
               "teacher_sha256": bench.teacher_sha256, "baselines": bench.baselines(results),
               "variants": results}
-    write_json(out_dir / "bench" / f"quality-{result_name(profile, dataset)}.json", report)
+    write_json(out_dir / "bench" / f"quality-{result_name(profile, dataset, run_name)}.json", report)
     return report

@@ -135,6 +135,11 @@ def speed_targets(speed: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _run_name(result: dict) -> str:
+    """A run named by --name, as its heading's last part."""
+    return f", run `{result['name']}`" if result.get("name") else ""
+
+
 def _table(header: list[str], rows: list[list]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
@@ -153,10 +158,11 @@ def _objective(settings: dict) -> str:
 def attribution_section(attribution: dict) -> list[str]:
     """sfddm bench attribution's tables: the whole samplers, then each step by the other network."""
     a = attribution
-    lines = [f"## Where the student's distance to its teacher comes from, dataset `{a.get('dataset', DEFAULT_DATASET)}`",
-             "",
+    lines = [f"## Where the student's distance to its teacher comes from, dataset `{a.get('dataset', DEFAULT_DATASET)}`"
+             f"{_run_name(a)}", "",
              f"`sfddm bench attribution` on `{a['student_dir']}` ({a['method']}, K = {a['substeps']}, phi = "
-             f"{a['phi']}). Machine: {a['machine']}. {a['num_samples']} samples per row, features of "
+             f"{a['phi']}{', --set ' + str(a['settings_overrides']) if a.get('settings_overrides') else ''}). "
+             f"Machine: {a['machine']}. {a['num_samples']} samples per row, features of "
              f"{a['feature_network']}; mean ± standard deviation over {a['rerun_seed_sets']} seed sets, those of "
              "the quality sweep. The samplers below take each student step either by the student (one network "
              "evaluation, x0-hat clipped as its sampler does) or by what that step was trained to copy: the "
@@ -209,8 +215,9 @@ def render(qualities: dict[str, dict], speed: Optional[dict], preemption: Option
     for name, quality in qualities.items():
         reruns = quality.get("rerun_seed_sets", 1)
         dataset = quality.get("dataset", DEFAULT_DATASET)
-        settings = {**quality.get("dataset_overrides", {}), **quality["overrides"]}
-        lines += [f"## Quality, profile `{quality['profile']}`, dataset `{dataset}`", "",
+        settings = {**quality.get("dataset_overrides", {}), **quality.get("settings_overrides", {}),
+                    **quality["overrides"]}
+        lines += [f"## Quality, profile `{quality['profile']}`, dataset `{dataset}`{_run_name(quality)}", "",
                   f"Machine: {quality['machine']}. Profile `{quality['profile']}` on `{dataset}` (settings of "
                   f"params.yaml with {settings or 'no overrides'}). {quality['num_samples']} samples per "
                   f"row against the test split, features of {quality['feature_network']}; comparable within "

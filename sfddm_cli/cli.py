@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -34,6 +35,12 @@ def _override(text: str) -> tuple[str, object]:
     except yaml.YAMLError as err:
         raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML "
                                          f"({config_lib.yaml_problem(err)})") from None
+
+
+def _result_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.=]+", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected letters, digits, '_', '.' or '=' (a file-name part)")
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -137,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "scikit-learn's sample photos) or folder:PATH; other than digits, the chain "
                                   "(and attribution's student) is built under OUT/bench/quality/chains/ "
                                   "(benchmarks/datasets.py)")
+            sub.add_argument("--name", type=_result_name, default=None,
+                             help="name this run's results (quality-<profile>[-<dataset>]-NAME.json), e.g. one "
+                                  "with --set, so that it does not replace the run of the settings as they are")
         if name == "quality":
             sub.add_argument("--profile", choices=("fast", "full"), default="fast",
                              help="fast: minutes per variant on a CPU; full: params.yaml as is (a GPU)")
@@ -266,7 +276,7 @@ def bench_command(args: argparse.Namespace, cfg) -> int:
     from benchmarks import attribution, preemption, quality, report, speed
     if args.action == "quality":
         quality.quality(cfg, args.teacher, args.data, args.classifier, args.teacher_samples, args.out, args.profile,
-                        args.variants, args.dataset)
+                        args.variants, args.dataset, dict(args.overrides), args.name)
     elif args.action == "speed":
         speed.speed(cfg, args.teacher, args.student, args.data, args.out, args.batch_size, args.loop_steps,
                     args.repeats, args.teacher_steps)
@@ -274,7 +284,7 @@ def bench_command(args: argparse.Namespace, cfg) -> int:
         preemption.preemption(cfg, args.teacher, args.data, args.out)
     else:
         attribution.step_attribution(cfg, args.teacher, args.student, args.data, args.classifier,
-                                     args.teacher_samples, args.out, args.dataset)
+                                     args.teacher_samples, args.out, args.dataset, dict(args.overrides), args.name)
     benchmark_md = report.write(args.out)
     if args.results_page:
         report.update_results_page(args.results_page, benchmark_md)

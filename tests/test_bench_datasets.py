@@ -35,6 +35,20 @@ def test_the_users_set_wins_over_the_datasets_settings(capsys):
     assert resolved["data"]["image_size"] == 8
 
 
+def test_results_are_named_by_profile_dataset_and_the_runs_name():
+    assert datasets.result_name("fast", "digits") == "fast"
+    assert datasets.result_name("attribution", "photos16") == "attribution-photos16"
+    assert datasets.result_name("fast", "photos16", "teacher10k") == "fast-photos16-teacher10k"
+    assert datasets.result_name("full", "digits", "lr=5e-4") == "full-lr=5e-4"
+
+
+def test_a_runs_name_that_is_no_file_name_part_is_refused(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["bench", "quality", "--dataset", "photos16", "--name", "../x", "--dry-run"])
+    assert stopped.value.code == 2
+    assert "'../x': expected letters, digits, '_', '.' or '=' (a file-name part)" in capsys.readouterr().err
+
+
 def test_a_chain_is_named_by_the_settings_it_depends_on(tmp_path):
     values = config.to_dict(config.load(ROOT / "params.yaml", datasets.dataset_overrides("photos16")))
     here = datasets.chain_dir(config.from_dict(values), "photos16", tmp_path)
@@ -52,10 +66,10 @@ def test_bench_quality_on_rgb_builds_its_chain_once_and_reports_the_dataset(tmp_
     params.write_text(yaml.safe_dump(merged(TINY_PARAMS, {"teacher": {"unet": {"norm_num_groups": 4}}})))
     out = tmp_path / "reports"
 
-    def bench() -> int:
+    def bench(*name: str) -> int:
         return cli.main(["bench", "quality", "--dataset", "photos16", "--profile", "full", "--variants", "base",
                          "--params", str(params), "--out", str(out), "--set", "data.image_size=8",
-                         "--set", "data.max_images=120", "--set", "teacher.unet.block_out_channels=[8,16,16]"])
+                         "--set", "data.max_images=120", "--set", "teacher.unet.block_out_channels=[8,16,16]", *name])
 
     assert bench() == 0
     chain, = (out / "bench" / "quality" / "chains").iterdir()
@@ -64,12 +78,15 @@ def test_bench_quality_on_rgb_builds_its_chain_once_and_reports_the_dataset(tmp_
                                                        "samples", "teacher", "teacher_loss.csv"]
     result = json.loads((out / "bench" / "quality-full-photos16.json").read_text())
     assert result["dataset"] == "photos16" and result["dataset_overrides"]["data.source"] == "photos"
+    assert result["settings_overrides"] == {"data.image_size": 8, "data.max_images": 120,
+                                            "teacher.unet.block_out_channels": [8, 16, 16]}
     assert list(result["variants"]) == ["base"]
     assert "photos-classifier" in result["feature_network"]
     assert {quality.TRAINING_IMAGES, "teacher_ddpm", "teacher_ddim 4 trailing"} <= set(result["baselines"])
     assert result["baselines"][quality.TRAINING_IMAGES]["nfe"] == 0
     text = (out / "benchmark.md").read_text()
-    assert "## Quality, profile `full`, dataset `photos16`" in text
+    assert "## Quality, profile `full`, dataset `photos16`\n" in text
+    assert "'teacher.unet.block_out_channels': [8, 16, 16]" in text and "'data.max_images': 120" in text  # --set
     assert "T' = 4: FID <= 0.4 x teacher DDIM at 4 steps (`full-photos16`)" in text
     assert (out / "benchmark_full-photos16_fid_vs_nfe.png").is_file()
     built = {p: p.stat().st_mtime_ns for p in chain.rglob("*") if p.is_file()}
@@ -77,6 +94,13 @@ def test_bench_quality_on_rgb_builds_its_chain_once_and_reports_the_dataset(tmp_
     assert {p: p.stat().st_mtime_ns for p in chain.rglob("*") if p.is_file() and p.name != "params.yaml"} == \
         {p: t for p, t in built.items() if p.name != "params.yaml"}
     assert quality.profile_variants("full", "photos16") == list(quality.DATASET_VARIANTS)
+    assert bench("--name", "tiny") == 0              # a named run: its own results, beside the unnamed run's
+    named = json.loads((out / "bench" / "quality-full-photos16-tiny.json").read_text())
+    assert named["name"] == "tiny" and named["variants"] == result["variants"]
+    assert json.loads((out / "bench" / "quality-full-photos16.json").read_text())["name"] is None
+    text = (out / "benchmark.md").read_text()
+    assert "## Quality, profile `full`, dataset `photos16`, run `tiny`" in text
+    assert "(`full-photos16-tiny`)" in text and (out / "benchmark_full-photos16-tiny_fid_vs_nfe.png").is_file()
 
     # bench attribution on the same dataset reuses the chain and distils its student there, once.
     def attribution() -> int:
