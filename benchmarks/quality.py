@@ -166,10 +166,10 @@ class QualityBench:
         """A teacher sampler's images of a seed set (sample_part: those of a part of it), made once and kept
         in the store as <name>-<teacher>-<first seed>-<count>.npz: `name` says the sampler and its
         timesteps; the samplers' numbers are pinned by tests/test_golden.py, and the sampling precision
-        (precision:, fp32 unless set) is not in the name. The teacher's DDPM costs T
-        network evaluations per image (40 to 60 min per seed set of 32 x 32 on 2 cores), so every
-        sampler's set is made a batch at a time, each batch kept until the set is whole: an interrupted
-        run resumes from its last whole batch, with the images an uninterrupted one makes."""
+        (precision:, fp32 unless set) is not in the name. The teacher's DDPM costs T network evaluations
+        per image (40 to 60 min per seed set of 32 x 32 on 2 cores), so every sampler's set is made a
+        batch at a time, each batch kept until the set is whole: an interrupted run resumes from its last
+        whole batch, with the images an uninterrupted one makes."""
         seeds, batch = self.seed_sets[seed_set], self.cfg.evaluate.batch_size
         path = self.store / f"{name}-{self.teacher_sha256[:16]}-{seeds[0]}-{len(seeds)}.npz"
         if not path.is_file():
