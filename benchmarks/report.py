@@ -232,10 +232,10 @@ def render(qualities: dict[str, dict], speed: Optional[dict], preemption: Option
                           b["nfe"], _shown(b), _shown(b, "kid")] for name, b in quality["baselines"].items()])
         lines += [""]
         rows = []
-        for name, v in quality["variants"].items():
+        for variant, v in quality["variants"].items():
             ddim = mean_sd(quality["baselines"][ddim_baseline_name(v)])[0]
             st = v["settings"]
-            rows.append([name, v["nfe"], st["student"]["spacing"], _objective(st), _shown(v),
+            rows.append([variant, v["nfe"], st["student"]["spacing"], _objective(st), _shown(v),
                          f"{mean_sd(v)[0] / ddim:.3f}", _shown(v, "kid"),
                          f"{v['consistency_ratio']:.3f}", v["compute"]["student_updates"],
                          f"{v['compute']['forward_equivalents']:.3g}", f"{v['compute']['seconds']:.0f}"])

@@ -2,6 +2,7 @@
 the attribution's hybrid samplers against the samplers they are made of."""
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -164,6 +165,14 @@ def test_the_committed_report_is_rendered_from_the_committed_results():
     assert list(attributions)[0] == "attribution"
     assert report.render(qualities, speed, preemption, attributions, serving) == \
         (ROOT / "reports" / "benchmark.md").read_text()
+
+
+def test_every_plot_the_report_and_the_results_page_show_is_committed():
+    for page in (ROOT / "reports" / "benchmark.md", ROOT / "docs" / "benchmarks.md"):
+        links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page.read_text())
+        assert len(links) >= 2 * len(report.load_qualities(ROOT / "reports" / "bench"))
+        for link in links:
+            assert (page.parent / link).is_file(), f"{page.name} shows {link}, which is not there"
 
 
 def test_serving_section_is_rendered_from_serving_json(tmp_path):
