@@ -314,8 +314,10 @@ def plot(quality: dict, out_dir: Path, files: dict[str, str]) -> None:
 
 
 def _save(figure, path: Path) -> None:
+    import matplotlib.pyplot as plt
     with atomic_file(path, mode="wb") as handle:
         figure.savefig(handle, format="png", dpi=120, bbox_inches="tight")
+    plt.close(figure)           # pyplot keeps every figure open until closed: each render makes two per sweep
 
 
 def load_qualities(results: Path) -> dict[str, dict]:
