@@ -145,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(and attribution's student) is built under OUT/bench/quality/chains/ "
                                   "(benchmarks/datasets.py)")
             sub.add_argument("--name", type=_result_name, default=None,
-                             help="name this run's results (quality-<profile>[-<dataset>]-NAME.json), e.g. one "
-                                  "with --set, so that it does not replace the run of the settings as they are")
+                             help="name this run's results (quality-<profile>[-<dataset>]-NAME.json, "
+                                  "attribution[-<dataset>]-NAME.json), e.g. one with --set, so that it does not "
+                                  "replace the run of the settings as they are")
         if name == "quality":
             sub.add_argument("--profile", choices=("fast", "full"), default="fast",
                              help="fast: minutes per variant on a CPU; full: params.yaml as is (a GPU)")
